@@ -1,0 +1,1 @@
+"""Client-side shims that route a framework's tool calls through Bastion."""

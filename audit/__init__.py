@@ -1,0 +1,1 @@
+"""The audit trail: record schema, store, group-commit writer and export. Stands alone."""

@@ -1,0 +1,1 @@
+"""Bastion: a governance proxy for AI agents."""

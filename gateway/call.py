@@ -1,0 +1,130 @@
+"""The values that flow through the pipeline, free of any wire protocol.
+
+A front turns wire traffic into a `ToolCall`; stages read it and answer with a `Decision`;
+the pipeline adds an `Outcome` once the upstream has answered. Nothing here knows HTTP or MCP.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+Effect = Literal["allow", "deny", "transform", "approval_required"]
+Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt"]
+OutcomeStatus = Literal["completed", "failed", "timeout", "denied", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: made once by the identity stage from a verified credential, never re-parsed.
+
+    `agent` is the software acting (OAuth `azp`/`client_id`), `delegation_chain` the `act` claims
+    from the innermost actor outwards, so a policy can tell "alice" from "an agent for alice".
+    """
+
+    sub: str
+    issuer: str
+    groups: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    tenant: str | None = None
+    email: str | None = None
+    agent: str | None = None
+    delegation_chain: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        """A stable identity across tokens: the same subject of the same issuer."""
+        return f"{self.issuer}\x00{self.sub}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One reason for a decision: the policy (or stage) that determined it and its text."""
+
+    policy: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"policy": self.policy, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the pipeline decided and why. `stage` names the stage that decided."""
+
+    effect: Effect
+    reasons: tuple[Reason, ...] = ()
+    stage: str = "policy"
+    policy_version: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect in ("allow", "transform")
+
+    @property
+    def policy_ids(self) -> list[str]:
+        return [r.policy for r in self.reasons]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "effect": self.effect,
+            "reasons": [r.to_json() for r in self.reasons],
+            "policy_ids": self.policy_ids,
+            "policy_version": self.policy_version,
+            "stage": self.stage,
+        }
+
+    @classmethod
+    def deny(cls, stage: str, policy: str, reason: str, policy_version: str | None = None) -> Decision:
+        return cls("deny", (Reason(policy, reason),), stage, policy_version)
+
+
+def new_id() -> str:
+    """A time-ordered unique id (UUIDv7 layout), so audit ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = uuid.uuid4().int & ((1 << 74) - 1)
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One governed call, whatever protocol it arrived on.
+
+    `audit_id` is assigned up front so that a denial can name its audit record before the record
+    is written. `arguments` are the caller's raw arguments: only stages that need them read them,
+    and the audit stage stores them redacted.
+    """
+
+    upstream: str
+    tool: str
+    arguments: dict[str, Any]
+    protocol: Literal["mcp", "http"] = "mcp"
+    action: Action = "call_tool"
+    principal: Principal | None = None
+    call_id: str | None = None
+    trace_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    audit_id: str = field(default_factory=new_id)
+    ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def resource(self) -> str:
+        """The Cedar resource id: `<upstream>/<tool>`."""
+        return f"{self.upstream}/{self.tool}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened after the decision: forwarded and answered, failed, or never forwarded."""
+
+    status: OutcomeStatus
+    latency_ms: float
+    upstream_status: int | None = None
+    error: str | None = None
+    result_sha256: str | None = None

@@ -1,0 +1,93 @@
+"""Bastion's one exception tree. Each error has a stable `code`, an HTTP status and a JSON-RPC code.
+
+    BastionError
+    ├── ConfigError          bad config or policy set: stops start-up (never seen by a client)
+    ├── AuthError            401, with WWW-Authenticate pointing at the RFC 9728 metadata
+    ├── ForbiddenError       403: a foreign Origin, a session presented by another principal
+    ├── ProtocolError        400: not one JSON-RPC message, duplicate keys, header/body mismatch
+    ├── SessionError         400 missing / 404 unknown or expired MCP session
+    ├── UpstreamError        502: the tool server failed or could not be reached
+    │   └── UpstreamTimeout  504
+    └── AuditUnavailable     503: the audit store cannot record, so nothing is forwarded
+
+Third-party exceptions (httpx, cedarpy, SQLAlchemy, pyjwt) are translated where they are called,
+chained with `raise ... from exc`, so a front maps one tree to the wire in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BastionError(Exception):
+    code = "internal"
+    http_status = 500
+    jsonrpc_code = -32603
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message}
+
+
+class ConfigError(BastionError):
+    """A config or policy problem; `message` names the dotted key or file:line and the fix."""
+
+    code = "config"
+
+
+class AuthError(BastionError):
+    """The credential is missing or not acceptable; `error` is the RFC 6750 error code."""
+
+    code = "unauthenticated"
+    http_status = 401
+    jsonrpc_code = -32001
+
+    def __init__(self, message: str, error: str = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class ForbiddenError(BastionError):
+    code = "forbidden"
+    http_status = 403
+    jsonrpc_code = -32003
+
+
+class ProtocolError(BastionError):
+    code = "bad_request"
+    http_status = 400
+    jsonrpc_code = -32600
+
+    def __init__(self, message: str, jsonrpc_code: int = -32600) -> None:
+        super().__init__(message)
+        self.jsonrpc_code = jsonrpc_code
+
+
+class SessionError(BastionError):
+    code = "session"
+    http_status = 404
+    jsonrpc_code = -32001
+
+    def __init__(self, message: str, http_status: int = 404) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class UpstreamError(BastionError):
+    code = "upstream_failed"
+    http_status = 502
+    jsonrpc_code = -32002
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream_timeout"
+    http_status = 504
+
+
+class AuditUnavailable(BastionError):
+    code = "audit_unavailable"
+    http_status = 503
+    jsonrpc_code = -32004
