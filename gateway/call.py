@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from audit.record import new_id
+
 Effect = Literal["allow", "deny", "transform", "approval_required"]
 Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt"]
 OutcomeStatus = Literal["completed", "failed", "timeout", "denied", "error"]
@@ -82,14 +84,6 @@ class Decision:
     @classmethod
     def deny(cls, stage: str, policy: str, reason: str, policy_version: str | None = None) -> Decision:
         return cls("deny", (Reason(policy, reason),), stage, policy_version)
-
-
-def new_id() -> str:
-    """A time-ordered unique id (UUIDv7 layout), so audit ids sort by creation time."""
-    ms = time.time_ns() // 1_000_000
-    rand = uuid.uuid4().int & ((1 << 74) - 1)
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
-    return str(uuid.UUID(int=value))
 
 
 @dataclass(slots=True)

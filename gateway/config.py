@@ -46,7 +46,9 @@ class IssuerConfig(_Strict):
     public_key_file: Path | None = None
     audiences: list[str] | None = None
     """Accepted `aud` values; default: public_url and public_url/mcp/<upstream>."""
-    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]] = [
+    algorithms: list[
+        Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+    ] = [
         "RS256",
         "ES256",
     ]
@@ -130,7 +132,8 @@ class AuditConfig(_Strict):
     instance: str | None = None
     """This replica's name in audit records; default: the host name."""
     batch_max: int = Field(500, gt=0)
-    batch_window_ms: float = Field(2.0, ge=0)
+    batch_window_ms: float = Field(0, ge=0)
+    """Extra wait for more records before a commit; 0 = records that arrive during a commit share the next."""
 
 
 class StateConfig(_Strict):
@@ -184,7 +187,9 @@ def _interpolate(node: Any, path: str) -> Any:
         def sub(m: re.Match[str]) -> str:
             value = os.environ.get(m.group(1), m.group(2))
             if value is None:
-                raise ConfigError(f"{path}: environment variable {m.group(1)} is not set (and has no default)")
+                raise ConfigError(
+                    f"{path}: environment variable {m.group(1)} is not set (and has no default)"
+                )
             return value
 
         return _ENV.sub(sub, node)

@@ -1,0 +1,209 @@
+"""The audit record: one per tool call, versioned, JSON-serialisable, free of raw argument values."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord:
+    """What Bastion saw and decided for one call. Field names are the user-facing contract."""
+
+    id: str
+    ts: datetime
+    schema_version: int = SCHEMA_VERSION
+    instance: str
+    trace_id: str
+    call_id: str | None
+    user: str | None
+    tenant: str | None
+    agent: str | None
+    delegation_chain: list[str] = field(default_factory=list)
+    protocol: str
+    upstream: str
+    tool: str
+    action: str
+    args_redacted: dict[str, Any]
+    args_hmac: str | None
+    decision: dict[str, Any]
+    budget: dict[str, Any] | None
+    pii: dict[str, Any]
+    outcome: dict[str, Any]
+    result_sha256: str | None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ts.tzinfo is None or self.ts.utcoffset() is None:
+            raise ValueError("AuditRecord.ts must be timezone-aware")
+        object.__setattr__(self, "ts", self.ts.astimezone(UTC))
+
+    @property
+    def effect(self) -> str | None:
+        value = self.decision.get("effect")
+        return value if isinstance(value, str) else None
+
+    @property
+    def status(self) -> str | None:
+        value = self.outcome.get("status")
+        return value if isinstance(value, str) else None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types in contract order; `ts` as ISO-8601 UTC with microseconds and `Z`."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _FIELDS}
+        out["ts"] = format_ts(self.ts)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AuditRecord:
+        """Inverse of `to_json`; unknown keys (from a newer schema) are ignored."""
+        missing = [name for name in _REQUIRED if name not in d]
+        if missing:
+            raise ValueError(f"audit record is missing {', '.join(missing)}")
+        kwargs = {k: v for k, v in d.items() if k in _FIELD_SET}
+        kwargs["ts"] = parse_ts(d["ts"])
+        return cls(**kwargs)
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord))
+_FIELD_SET = frozenset(_FIELDS)
+_REQUIRED = tuple(n for n in _FIELDS if n not in {"schema_version", "delegation_chain", "prev_hash", "hash"})
+
+
+def format_ts(ts: datetime) -> str:
+    """Fixed-width UTC text, so string order equals time order."""
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def parse_ts(text: str) -> datetime:
+    ts = datetime.fromisoformat(text)
+    if ts.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no time zone")
+    return ts.astimezone(UTC)
+
+
+def new_id() -> str:
+    """A UUIDv7 (RFC 9562) string: unique and ordered by creation time, so ids sort like `ts`."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & (2**48 - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & (2**62 - 1)
+    return str(uuid.UUID(int=value))
+
+
+def canonical_json(obj: Any) -> bytes:
+    """RFC 8785 (JCS) bytes: keys sorted by UTF-16 code units, no whitespace, ECMAScript numbers.
+
+    Stable across producers, so an HMAC or hash over it can be recomputed by any JCS library.
+    Integers are written exactly (JCS assumes they fit in an IEEE double).
+    """
+    parts: list[str] = []
+    _encode(obj, parts)
+    return "".join(parts).encode("utf-8")
+
+
+def _encode(obj: Any, out: list[str]) -> None:
+    if obj is None:
+        out.append("null")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, str):
+        out.append(json.dumps(obj, ensure_ascii=False))
+    elif isinstance(obj, int):
+        out.append(str(int(obj)))
+    elif isinstance(obj, float):
+        out.append(_es_number(obj))
+    elif isinstance(obj, dict):
+        for key in obj:
+            if not isinstance(key, str):
+                raise TypeError(f"canonical JSON needs string keys, got {type(key).__name__}")
+        out.append("{")
+        for i, key in enumerate(sorted(obj, key=lambda k: k.encode("utf-16-be"))):
+            if i:
+                out.append(",")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(":")
+            _encode(obj[key], out)
+        out.append("}")
+    elif isinstance(obj, list | tuple):
+        out.append("[")
+        for i, item in enumerate(obj):
+            if i:
+                out.append(",")
+            _encode(item, out)
+        out.append("]")
+    else:
+        raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _es_number(value: float) -> str:
+    """ECMAScript Number::toString, which JCS prescribes (shortest round-trip digits)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("NaN and infinity are not valid JSON")
+    if value == 0:
+        return "0"
+    _, digit_tuple, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    k = len(digits)
+    n = k + int(exponent)
+    prefix = "-" if value < 0 else ""
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = f"{digits[:n]}.{digits[n:]}"
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        e = n - 1
+        mantissa = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
+        text = f"{mantissa}e{'+' if e > 0 else '-'}{abs(e)}"
+    return prefix + text
+
+
+def args_hmac(key: bytes, args: dict[str, Any]) -> str:
+    """Keyed digest of the original arguments: links identical calls without storing values.
+
+    A plain hash of a low-entropy value (an SSN, a PIN) can be brute-forced; a keyed one cannot
+    without the key.
+    """
+    return hmac.new(key, canonical_json(args), hashlib.sha256).hexdigest()
+
+
+def shape_of(args: Any) -> Any:
+    """The arguments with every leaf replaced by its type (and size), keys kept.
+
+    Stands in for redaction: the audit store never receives a raw argument value.
+    """
+    if isinstance(args, dict):
+        return {str(k): shape_of(v) for k, v in args.items()}
+    if isinstance(args, list | tuple):
+        return [shape_of(v) for v in args]
+    if args is None:
+        return "<null>"
+    if isinstance(args, bool):
+        return "<bool>"
+    if isinstance(args, int):
+        return "<int>"
+    if isinstance(args, float):
+        return "<float>"
+    if isinstance(args, str):
+        return f"<string:{len(args)}>"
+    if isinstance(args, bytes | bytearray):
+        return f"<bytes:{len(args)}>"
+    return f"<{type(args).__name__}>"

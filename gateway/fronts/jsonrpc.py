@@ -1,0 +1,80 @@
+"""JSON-RPC 2.0 framing for the MCP front: strict parsing in, compact bytes out.
+
+An MCP request must be exactly one JSON-RPC message. Batches and duplicate keys are refused:
+two parsers that disagree on which duplicate wins (Bastion's and the upstream's) would let a
+caller show policy one tool name and run another.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.errors import ProtocolError
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+HEADER_MISMATCH = -32020
+
+Message = dict[str, Any]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ProtocolError(f"duplicate JSON key {dup[:64]!r}", PARSE_ERROR)
+    return obj
+
+
+def parse(body: bytes) -> Message:
+    """One JSON-RPC request, notification or response; anything else is a ProtocolError."""
+    try:
+        msg = json.loads(body, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError("body is not valid JSON", PARSE_ERROR) from exc
+    if isinstance(msg, list):
+        raise ProtocolError("JSON-RPC batches are not accepted: send one message per request")
+    if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+        raise ProtocolError('not a JSON-RPC 2.0 message (expected an object with "jsonrpc": "2.0")')
+    if "method" in msg:
+        if not isinstance(msg["method"], str):
+            raise ProtocolError('"method" must be a string')
+        params = msg.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise ProtocolError('"params" must be an object')
+    elif "result" not in msg and "error" not in msg:
+        raise ProtocolError('a JSON-RPC message needs "method", "result" or "error"')
+    if ("id" in msg and not isinstance(msg["id"], str | int)) or isinstance(msg.get("id"), bool):
+        raise ProtocolError('"id" must be a string or an integer')
+    return msg
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def error(msg_id: Any, code: int, message: str, data: Any = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return dumps({"jsonrpc": "2.0", "id": msg_id, "error": err})
+
+
+def result(msg_id: Any, value: Any) -> bytes:
+    return dumps({"jsonrpc": "2.0", "id": msg_id, "result": value})
+
+
+def sse(data: str | bytes, event_id: str | None = None, event: str = "message") -> bytes:
+    """One SSE event; multi-line data becomes several `data:` fields as the SSE format requires."""
+    text = data.decode() if isinstance(data, bytes) else data
+    lines = [f"event: {event}"] if event else []
+    if event_id:
+        lines.append(f"id: {event_id}")
+    lines.extend(f"data: {line}" for line in text.split("\n"))
+    return ("\n".join(lines) + "\n\n").encode()

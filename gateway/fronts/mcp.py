@@ -1,0 +1,637 @@
+"""The MCP front: Streamable HTTP at `/mcp/{upstream}`, both eras, to and from either era.
+
+Every request is authenticated first. Then the era of the *client* is read off the request:
+`initialize` or an `Mcp-Session-Id` is legacy (2025-03-26 ... 2025-11-25); a 2026-07-28
+`MCP-Protocol-Version` header or `_meta` is modern (stateless). The era of the *upstream* is
+learned once (see `upstreams.streamable_http`). Four pairings:
+
+- modern -> modern: the body is forwarded byte for byte with the MCP headers.
+- legacy -> legacy: each client session gets its own upstream session (so server-to-client
+  requests reach the right client); Bastion's session id is signed and carries the upstream's.
+- legacy -> modern: Bastion answers `initialize`, `ping` and `notifications/initialized` itself
+  and adds the 2026 `_meta` and headers to what it forwards. No GET stream (405).
+- modern -> legacy: requests ride one shared upstream session with ids rewritten, so two
+  stateless clients both sending id 1 cannot collide. `server/discover` is answered by Bastion.
+
+`tools/call` is governed by the pipeline; `tools/list` is filtered to what the caller may call;
+everything else passes through. Upstream SSE streams are relayed event by event as they arrive;
+only the final response of a governed call is held back until its audit record is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway import metrics
+from gateway.call import Decision, Outcome, Principal, ToolCall
+from gateway.errors import (
+    AuditUnavailable,
+    AuthError,
+    BastionError,
+    ForbiddenError,
+    ProtocolError,
+    SessionError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.fronts import jsonrpc
+from gateway.fronts.sessions import Session, SessionSigner
+from gateway.pipeline import Pipeline, sha256_hex
+from gateway.stages.identity import Authenticator
+from gateway.upstreams.streamable_http import (
+    LEGACY_VERSION,
+    MODERN_META,
+    MODERN_VERSION,
+    Reply,
+    StreamableHTTPUpstream,
+    first_message,
+)
+
+log = logging.getLogger("bastion.mcp")
+
+MAX_BODY = 4 * 1024 * 1024
+HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MODERN_VERSIONS = (MODERN_VERSION,)
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_ids = itertools.count(1)
+
+Final = Callable[[dict[str, Any], bytes], Awaitable[bytes]]
+"""Turns the upstream's final response (parsed, raw) into the bytes sent to the client."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client POST on its way through the front."""
+
+    upstream: StreamableHTTPUpstream
+    principal: Principal
+    msg: dict[str, Any]
+    body: bytes
+    session: Session | None
+    session_id: str | None
+    modern: bool
+    trace_id: str | None
+
+    @property
+    def method(self) -> str:
+        return str(self.msg.get("method", ""))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params = self.msg.get("params")
+        return params if isinstance(params, dict) else {}
+
+
+class MCPFront:
+    def __init__(
+        self,
+        upstreams: dict[str, StreamableHTTPUpstream],
+        auth: Authenticator,
+        pipeline: Pipeline,
+        signer: SessionSigner,
+        allowed_tools: Callable[[Principal, str, list[str]], set[str]],
+        base_url: str,
+        allowed_origins: list[str],
+    ) -> None:
+        self.upstreams = upstreams
+        self.auth = auth
+        self.pipeline = pipeline
+        self.signer = signer
+        self.allowed_tools = allowed_tools
+        self.base_url = base_url
+        base = urlsplit(base_url)
+        self.origins = {f"{base.scheme}://{base.netloc}", *(o.rstrip("/") for o in allowed_origins)}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- entry point --------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        msg_id: Any = None
+        try:
+            upstream = self.upstreams.get(request.path_params["upstream"])
+            if upstream is None:
+                return JSONResponse({"error": "not_found", "message": "no such upstream"}, 404)
+            origin = request.headers.get("origin")
+            if origin is not None and origin.rstrip("/") not in self.origins:
+                raise ForbiddenError(f"origin {origin[:100]!r} is not allowed")
+            if request.method == "POST":
+                body = await _read_body(request)
+                principal = await self._authenticate(request, upstream, body)
+                msg = jsonrpc.parse(body)
+                msg_id = msg.get("id")
+                response = await self._post(request, upstream, principal, msg, body)
+            elif request.method == "GET":
+                principal = await self._authenticate(request, upstream, None)
+                response = await self._get(request, upstream, principal)
+            else:
+                principal = await self._authenticate(request, upstream, None)
+                response = await self._delete(request, upstream, principal)
+        except AuthError as err:
+            metrics.AUTH_FAILURES.inc()
+            response = self._error(err, msg_id)
+            meta = (
+                f"{self.base_url}/.well-known/oauth-protected-resource/mcp/{request.path_params['upstream']}"
+            )
+            response.headers["www-authenticate"] = self.auth.www_authenticate(meta, err)
+        except BastionError as err:
+            response = self._error(err, msg_id)
+        metrics.REQUESTS.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    def _error(self, err: BastionError, msg_id: Any) -> Response:
+        body = jsonrpc.error(msg_id, err.jsonrpc_code, err.message)
+        return Response(body, err.http_status, media_type="application/json")
+
+    async def _authenticate(
+        self, request: Request, upstream: StreamableHTTPUpstream, body: bytes | None
+    ) -> Principal:
+        try:
+            return await self.auth.authenticate(request.headers.get("authorization"))
+        except AuthError as err:
+            if body is not None:
+                await self._audit_refused_call(request, upstream, body, err.message)
+            raise
+
+    async def _audit_refused_call(
+        self, request: Request, upstream: StreamableHTTPUpstream, body: bytes, why: str
+    ) -> None:
+        """A tools/call refused for its credential still leaves an audit record."""
+        try:
+            msg = jsonrpc.parse(body)
+        except ProtocolError:
+            return
+        if msg.get("method") != "tools/call":
+            return
+        params = msg.get("params") or {}
+        args = params.get("arguments")
+        call = ToolCall(
+            upstream.name,
+            str(params.get("name", ""))[:200],
+            args if isinstance(args, dict) else {},
+            call_id=_call_id(msg),
+        )
+        call.trace_id = _trace_id(request) or call.trace_id
+        await self.pipeline.refuse(call, "identity", "unauthenticated", why)
+
+    # -- POST ---------------------------------------------------------------------------------
+
+    async def _post(
+        self,
+        request: Request,
+        upstream: StreamableHTTPUpstream,
+        principal: Principal,
+        msg: dict[str, Any],
+        body: bytes,
+    ) -> Response:
+        headers = request.headers
+        method = msg.get("method")
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        meta = (params or {}).get("_meta")
+        meta_version = meta.get("io.modelcontextprotocol/protocolVersion") if isinstance(meta, dict) else None
+        session_id = headers.get("mcp-session-id")
+        session: Session | None = None
+        if method == "initialize":
+            modern = False
+        elif session_id:
+            session = self.signer.open(session_id, upstream.name, principal.key)
+            modern = False
+        elif headers.get("mcp-protocol-version") in MODERN_VERSIONS or meta_version in MODERN_VERSIONS:
+            modern = True
+            _check_modern_headers(headers, msg)
+        else:
+            raise SessionError("missing Mcp-Session-Id: send initialize first, or speak 2026-07-28", 400)
+        x = Exchange(
+            upstream,
+            principal,
+            msg,
+            body,
+            session,
+            session_id if session else None,
+            modern,
+            _trace_id(request),
+        )
+
+        if method == "initialize":
+            return await self._initialize(x)
+        if method == "tools/call":
+            return await self._call_tool(x)
+        if method == "tools/list":
+            return await self._forward(x, self._filter_tools(x))
+        era = await upstream.detect()
+        if era == "modern" and not modern:
+            if method == "ping":
+                return Response(jsonrpc.result(msg.get("id"), {}), media_type="application/json")
+            if method is None or method.startswith("notifications/"):
+                return Response(status_code=202)
+        if era == "legacy" and modern and method == "server/discover":
+            return Response(
+                jsonrpc.result(msg.get("id"), _discover_result(upstream)), media_type="application/json"
+            )
+        return await self._forward(x, None)
+
+    async def _initialize(self, x: Exchange) -> Response:
+        up = x.upstream
+        if await up.detect() == "legacy":
+            reply = await up.send("POST", x.body)
+            upstream_session = reply.response.headers.get("mcp-session-id")
+            if reply.status != 200:
+                return Response(await reply.body(), reply.status, media_type="application/json")
+            answer = await first_message(reply)
+            result = answer.get("result")
+            version = (
+                str(result.get("protocolVersion", LEGACY_VERSION))
+                if isinstance(result, dict)
+                else LEGACY_VERSION
+            )
+        else:
+            upstream_session = None
+            asked = x.params.get("protocolVersion")
+            version = asked if asked in HANDSHAKE_VERSIONS else LEGACY_VERSION
+            result = {
+                "protocolVersion": version,
+                "capabilities": up.capabilities,
+                "serverInfo": up.server_info,
+            }
+            if up.instructions:
+                result["instructions"] = up.instructions
+            answer = {"jsonrpc": "2.0", "id": x.msg.get("id"), "result": result}
+        session_id = self.signer.mint(up.name, x.principal.key, upstream_session, version)
+        return Response(
+            jsonrpc.dumps(answer), media_type="application/json", headers={"mcp-session-id": session_id}
+        )
+
+    async def _call_tool(self, x: Exchange) -> Response:
+        name, args = x.params.get("name"), x.params.get("arguments", {})
+        call = ToolCall(
+            x.upstream.name,
+            name[:200] if isinstance(name, str) else "",
+            args if isinstance(args, dict) else {},
+            principal=x.principal,
+            call_id=_call_id(x.msg),
+        )
+        if x.trace_id:
+            call.trace_id = x.trace_id
+        if not isinstance(name, str) or not name or not isinstance(args, dict):
+            await self.pipeline.refuse(
+                call, "protocol", "invalid-params", "tools/call needs a name and object arguments"
+            )
+            return Response(
+                jsonrpc.error(
+                    x.msg.get("id"),
+                    jsonrpc.INVALID_PARAMS,
+                    "tools/call needs a string name and object arguments",
+                ),
+                media_type="application/json",
+            )
+        decision = await self.pipeline.decide(call)
+        if not decision.allowed:
+            await self.pipeline.finish(call, decision, Outcome("denied", self.pipeline.elapsed_ms(call)))
+            result = denied_result(decision, call.audit_id)
+            return Response(jsonrpc.result(x.msg.get("id"), result), media_type="application/json")
+        return await self._forward(x, self._audited(call, decision), call=(call, decision))
+
+    def _audited(self, call: ToolCall, decision: Decision) -> Final:
+        async def final(msg: dict[str, Any], raw: bytes) -> bytes:
+            error = msg.get("error")
+            result = msg.get("result")
+            if isinstance(error, dict):
+                status, why = "failed", str(error.get("message", "upstream error"))[:500]
+            elif isinstance(result, dict) and result.get("isError") is True:
+                status, why = "failed", "the tool reported an error"
+            else:
+                status, why = "completed", None
+            latency = self.pipeline.elapsed_ms(call)
+            metrics.UPSTREAM_SECONDS.labels(call.upstream, status).observe(latency / 1000)
+            outcome = Outcome(status, latency, 200, why, sha256_hex(raw))  # type: ignore[arg-type]
+            try:
+                await self.pipeline.finish(call, decision, outcome)
+            except AuditUnavailable as err:
+                return jsonrpc.error(msg.get("id"), err.jsonrpc_code, err.message)
+            return raw
+
+        return final
+
+    def _filter_tools(self, x: Exchange) -> Final:
+        async def final(msg: dict[str, Any], raw: bytes) -> bytes:
+            result = msg.get("result")
+            if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+                return raw
+            tools = [t for t in result["tools"] if isinstance(t, dict) and isinstance(t.get("name"), str)]
+            allowed = self.allowed_tools(x.principal, x.upstream.name, [t["name"] for t in tools])
+            result["tools"] = [t for t in tools if t["name"] in allowed]
+            return jsonrpc.dumps(msg)
+
+        return final
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    async def _forward(
+        self, x: Exchange, final: Final | None, call: tuple[ToolCall, Decision] | None = None
+    ) -> Response:
+        """Send the client's message to the upstream in the upstream's era; relay the answer."""
+        try:
+            reply, restore_id = await self._send(x)
+        except UpstreamError as err:
+            if call is not None:
+                await self._record_failure(call, err)
+            raise
+        if reply.status == 202:
+            await reply.aclose()
+            return Response(status_code=202)
+        passthrough = {"mcp-session-id": x.session_id} if x.session_id else {}
+        if reply.status >= 400:
+            body = await reply.body()
+            if call is not None:
+                await self._record_failure(
+                    call, UpstreamError(f"upstream answered HTTP {reply.status}"), reply.status
+                )
+            return Response(
+                body, reply.status, media_type=reply.response.headers.get("content-type"), headers=passthrough
+            )
+        request_id = x.msg.get("id")
+        upstream_id = restore_id[0] if restore_id else request_id
+        if not reply.is_sse:
+            raw = await reply.body()
+            if final is None and restore_id is None:
+                return Response(raw, reply.status, media_type="application/json", headers=passthrough)
+            msg = json.loads(raw)
+            if restore_id:
+                msg["id"] = request_id
+                raw = jsonrpc.dumps(msg)
+            out = await final(msg, raw) if final else raw
+            return Response(out, reply.status, media_type="application/json", headers=passthrough)
+        return StreamingResponse(
+            self._relay(reply, request_id, upstream_id, restore_id is not None, final, call),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", **passthrough},
+        )
+
+    async def _send(self, x: Exchange) -> tuple[Reply, tuple[Any] | None]:
+        up = x.upstream
+        era = await up.detect()
+        method = x.method
+        long_lived = method == "subscriptions/listen"
+        if era == "modern":
+            if x.modern:
+                return await up.send("POST", x.body, _mcp_headers_of(x), long_lived=long_lived), None
+            msg = dict(x.msg)
+            if "method" in msg:
+                params = dict(x.params)
+                params["_meta"] = {**(params.get("_meta") or {}), **MODERN_META}
+                msg["params"] = params
+            name = x.params.get("name") if method in ("tools/call", "prompts/get") else x.params.get("uri")
+            hdrs = up.modern_headers(method, name if isinstance(name, str) else None)
+            return await up.send("POST", jsonrpc.dumps(msg), hdrs, long_lived=long_lived), None
+        if x.session is not None:
+            hdrs = {"mcp-protocol-version": x.session.version}
+            if x.session.upstream_session:
+                hdrs["mcp-session-id"] = x.session.upstream_session
+            return await up.send("POST", x.body, hdrs, long_lived=long_lived), None
+        # A stateless client on a legacy upstream: the shared session, with a private request id.
+        msg = dict(x.msg)
+        restore: tuple[Any] | None = None
+        if "id" in msg and "method" in msg:
+            msg["id"] = f"bastion-{next(_ids)}"
+            restore = (msg["id"],)
+        if "method" in msg:
+            params = dict(x.params)
+            meta = {
+                k: v
+                for k, v in (params.get("_meta") or {}).items()
+                if not k.startswith("io.modelcontextprotocol/")
+            }
+            params.pop("_meta", None)
+            if meta:
+                params["_meta"] = meta
+            msg["params"] = params
+        body = jsonrpc.dumps(msg)
+        for attempt in range(2):
+            shared = up.shared.id
+            hdrs = {"mcp-protocol-version": up.shared.version}
+            if shared:
+                hdrs["mcp-session-id"] = shared
+            reply = await up.send("POST", body, hdrs, long_lived=long_lived)
+            if reply.status != 404 or attempt == 1:
+                return reply, restore
+            await reply.aclose()
+            await up.reopen_shared(shared)
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self,
+        reply: Reply,
+        request_id: Any,
+        upstream_id: Any,
+        restore: bool,
+        final: Final | None,
+        call: tuple[ToolCall, Decision] | None,
+    ) -> AsyncIterator[bytes]:
+        """Relay an upstream SSE stream event by event; hold back only the final response."""
+        finished = False
+        try:
+            async for event in reply.events():
+                data = event.data
+                if final is not None or restore:
+                    msg = _response_to(data, upstream_id)
+                    if msg is not None:
+                        if restore:
+                            msg["id"] = request_id
+                            data = jsonrpc.dumps(msg).decode()
+                        if final is not None:
+                            data = (await final(msg, data.encode())).decode()
+                        finished = True
+                yield jsonrpc.sse(data, event.id or None, event.event or "message")
+        except UpstreamError as err:
+            if call is not None and not finished:
+                finished = True
+                await self._record_failure(call, err)
+            yield jsonrpc.sse(jsonrpc.error(request_id, err.jsonrpc_code, err.message))
+        finally:
+            if call is not None and not finished:
+                self._later(
+                    self._record_failure(call, UpstreamError("the stream ended before the tool's result"))
+                )
+
+    async def _record_failure(
+        self, call: tuple[ToolCall, Decision], err: UpstreamError, upstream_status: int | None = None
+    ) -> None:
+        tool_call, decision = call
+        status = "timeout" if isinstance(err, UpstreamTimeout) else "failed"
+        latency = self.pipeline.elapsed_ms(tool_call)
+        metrics.UPSTREAM_SECONDS.labels(tool_call.upstream, status).observe(latency / 1000)
+        await self.pipeline.finish(
+            tool_call, decision, Outcome(status, latency, upstream_status, err.message)
+        )
+
+    def _later(self, coro: Awaitable[None]) -> None:
+        """Finish bookkeeping after the client went away (the response task is being cancelled)."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except BastionError as err:
+                log.error("could not record an interrupted call: %s", err.message)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- GET and DELETE -----------------------------------------------------------------------
+
+    def _session_of(
+        self, request: Request, upstream: StreamableHTTPUpstream, principal: Principal
+    ) -> Session | None:
+        session_id = request.headers.get("mcp-session-id")
+        return self.signer.open(session_id, upstream.name, principal.key) if session_id else None
+
+    async def _get(
+        self, request: Request, upstream: StreamableHTTPUpstream, principal: Principal
+    ) -> Response:
+        session = self._session_of(request, upstream, principal)
+        if session is None or session.upstream_session is None:
+            why = "no server stream: GET needs a legacy session with an upstream that keeps sessions"
+            return Response(
+                jsonrpc.error(None, -32000, why),
+                405,
+                media_type="application/json",
+                headers={"allow": "POST"},
+            )
+        hdrs = {"mcp-session-id": session.upstream_session, "mcp-protocol-version": session.version}
+        if last := request.headers.get("last-event-id"):
+            hdrs["last-event-id"] = last
+        reply = await upstream.send("GET", None, hdrs, long_lived=True)
+        if reply.status != 200 or not reply.is_sse:
+            return Response(
+                await reply.body(), reply.status, media_type=reply.response.headers.get("content-type")
+            )
+
+        async def raw() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in reply.response.aiter_raw():
+                    yield chunk
+            except Exception as exc:
+                log.debug("GET stream from %s ended: %s", upstream.name, type(exc).__name__)
+            finally:
+                await reply.aclose()
+
+        return StreamingResponse(raw(), media_type="text/event-stream", headers={"cache-control": "no-store"})
+
+    async def _delete(
+        self, request: Request, upstream: StreamableHTTPUpstream, principal: Principal
+    ) -> Response:
+        session = self._session_of(request, upstream, principal)
+        if session is None:
+            raise SessionError("missing Mcp-Session-Id", 400)
+        if session.upstream_session is None:
+            return Response(status_code=204)
+        hdrs = {"mcp-session-id": session.upstream_session, "mcp-protocol-version": session.version}
+        reply = await upstream.send("DELETE", None, hdrs)
+        body = await reply.body()
+        return Response(body, reply.status, media_type=reply.response.headers.get("content-type"))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise ProtocolError(f"request body over {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ProtocolError(f"request body over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_modern_headers(headers: Any, msg: dict[str, Any]) -> None:
+    """2026-07-28 requests repeat the method (and tool/prompt/resource name) in headers."""
+    method = msg.get("method")
+    if method is None:
+        return
+    if headers.get("mcp-method") != method:
+        raise ProtocolError(
+            f"Mcp-Method header does not match the body's method {method!r}", jsonrpc.HEADER_MISMATCH
+        )
+    params = msg.get("params") or {}
+    key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
+    if key is not None and headers.get("mcp-name") != params.get(key):
+        raise ProtocolError(f"Mcp-Name header does not match the body's {key}", jsonrpc.HEADER_MISMATCH)
+
+
+def _mcp_headers_of(x: Exchange) -> dict[str, str]:
+    hdrs = {"mcp-protocol-version": MODERN_VERSION, "mcp-method": x.method}
+    name = x.params.get("uri") if x.method == "resources/read" else x.params.get("name")
+    if isinstance(name, str) and x.method in ("tools/call", "prompts/get", "resources/read"):
+        hdrs["mcp-name"] = name
+    return hdrs
+
+
+def _response_to(data: str, request_id: Any) -> dict[str, Any] | None:
+    """The parsed message if this SSE payload is the response to `request_id`, else None."""
+    if not data or '"id"' not in data:
+        return None
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(msg, dict) and msg.get("id") == request_id and ("result" in msg or "error" in msg):
+        return msg
+    return None
+
+
+def _discover_result(up: StreamableHTTPUpstream) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "supportedVersions": [MODERN_VERSION],
+        "capabilities": up.capabilities,
+        "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
+        "_meta": {"io.modelcontextprotocol/serverInfo": up.server_info},
+    }
+    if up.instructions:
+        result["instructions"] = up.instructions
+    return result
+
+
+def _trace_id(request: Request) -> str | None:
+    match = _TRACEPARENT.match(request.headers.get("traceparent", ""))
+    return match.group(1) if match else None
+
+
+def _call_id(msg: dict[str, Any]) -> str | None:
+    msg_id = msg.get("id")
+    return None if msg_id is None else str(msg_id)[:200]
+
+
+def denied_result(decision: Decision, audit_id: str) -> dict[str, Any]:
+    """A denial as a tool result the model can read and act on (not a protocol error)."""
+    reasons = (
+        "; ".join(
+            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
+            for r in decision.reasons
+        )
+        or "denied"
+    )
+    return {
+        "content": [{"type": "text", "text": reasons}],
+        "isError": True,
+        "structuredContent": {
+            "decision": decision.effect,
+            "reasons": [r.to_json() for r in decision.reasons],
+            "audit_id": audit_id,
+        },
+    }

@@ -1,0 +1,91 @@
+"""Legacy MCP sessions as signed, self-contained ids, so any replica can serve any session.
+
+A session id is `v1.<payload>.<mac>`: the payload names the upstream, a digest of the
+principal that opened it, the upstream's own session id (if the upstream keeps sessions) and
+the negotiated protocol version; the HMAC (key shared by replicas) makes it unforgeable. The
+state of a session lives in the upstream, not in Bastion's memory. A session presented with
+another principal's token, for another upstream, or past its age is refused as unknown.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import SessionError
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    upstream: str
+    principal: str
+    upstream_session: str | None
+    version: str
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the session key, or create a random one (mode 0600) the first time."""
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    path.touch(mode=0o600)
+    path.write_bytes(key)
+    return key
+
+
+class SessionSigner:
+    def __init__(self, key: bytes, max_age_s: float) -> None:
+        self._key = key
+        self._max_age = max_age_s
+
+    def _mac(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest()[:20])
+
+    @staticmethod
+    def principal_digest(principal_key: str) -> str:
+        return hashlib.sha256(principal_key.encode()).hexdigest()[:24]
+
+    def mint(self, upstream: str, principal_key: str, upstream_session: str | None, version: str) -> str:
+        body = {
+            "u": upstream,
+            "p": self.principal_digest(principal_key),
+            "s": upstream_session,
+            "v": version,
+            "t": int(time.time()),
+        }
+        payload = _b64(json.dumps(body, separators=(",", ":")).encode())
+        return f"v1.{payload}.{self._mac(payload)}"
+
+    def open(self, token: str, upstream: str, principal_key: str) -> Session:
+        unknown = SessionError("unknown or expired session: start a new one with initialize")
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != "v1" or len(token) > 2048:
+            raise unknown
+        if not hmac.compare_digest(parts[2], self._mac(parts[1])):
+            raise unknown
+        try:
+            body = json.loads(_unb64(parts[1]))
+        except ValueError as exc:
+            raise unknown from exc
+        if (
+            body.get("u") != upstream
+            or not hmac.compare_digest(str(body.get("p")), self.principal_digest(principal_key))
+            or time.time() - float(body.get("t", 0)) > self._max_age
+        ):
+            raise unknown
+        return Session(upstream, principal_key, body.get("s"), str(body.get("v")))

@@ -1,0 +1,561 @@
+"""The policy stage: every call is decided by Cedar, and nothing else may turn a deny into an allow.
+
+The policy set is read, parsed, schema-validated and indexed once (`PolicyEngine.load`); a
+decision only builds the request and evaluates it. Cedar itself is lenient in ways that would be
+security bugs here, so this module allows only on a clean `Allow` (no evaluation errors: Cedar
+skips a `forbid` whose condition fails), never passes the schema at request time (it would
+refuse any undeclared context field), and hands Cedar only sanitised arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import cedarpy
+
+from gateway.call import Decision, Effect, Principal, Reason
+from gateway.cedar_context import (
+    ArgumentError,
+    CedarType,
+    arg_types_from_input_schema,
+    args_type_from_input_schemas,
+    sanitize_args,
+)
+from gateway.config import PolicyConfig, ToolSettings
+from gateway.errors import ConfigError
+
+__all__ = ["OBLIGATIONS", "REQUEST_ACTIONS", "PolicyEngine", "PolicyInfo"]
+
+OBLIGATIONS: Mapping[str, Effect] = {"redact": "transform", "approval": "approval_required"}
+"""`@obligation` values a permit may carry, and the effect each turns an allow into."""
+REQUEST_ACTIONS = frozenset({"call_tool", "list_tools", "read_resource", "get_prompt", "approve"})
+"""The actions Bastion puts in requests. Action groups are not evaluated (see `_check_scope`)."""
+
+_STRICTNESS: Mapping[Effect, int] = {"allow": 0, "transform": 1, "approval_required": 2, "deny": 3}
+_ID_OK = re.compile(r"^[^\x00-\x1f\x7f`\"\\]{1,128}$")
+_POLICY_N = re.compile(r"^policy(\d+)$")
+_FOR_POLICY = re.compile(r"^for policy `[^`]*`, ")
+_ACTION_REF = re.compile(r'Action::"[^"]*"')
+_EVAL_ERROR = re.compile(r"^error while evaluating policy `([^`]*)`: (.*)$", re.S)
+_TICKED = re.compile(r"`([^`]*)`")
+_TOOLARGS_DEF = re.compile(r"(?:^|[\s;{}])type\s+ToolArgs\s*=")
+_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    """One policy as loaded: what a decision needs to explain itself, without asking Cedar."""
+
+    id: str
+    effect: Literal["permit", "forbid"]
+    reason: str
+    obligation: str | None
+    source: str
+    """`file:line:col` of the policy's first character."""
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    path: Path
+    rel: str
+    text: str
+    start: int
+    source_text: str
+
+    def where(self, offset: int = 0) -> str:
+        pos = self.start + offset
+        line = self.source_text.count("\n", 0, pos) + 1
+        col = pos - (self.source_text.rfind("\n", 0, pos) + 1) + 1
+        return f"{self.path}:{line}:{col}"
+
+    @property
+    def line(self) -> int:
+        return self.source_text.count("\n", 0, self.start) + 1
+
+
+def _split(text: str) -> list[tuple[int, int]]:
+    """Spans of the policies in a file: from the first code character to the closing `;`.
+
+    Cedar reports no positions, so each policy is parsed on its own and its offset kept. Only
+    strings and `//` comments can hide a `;`, so this is all the lexing needed.
+    """
+    spans: list[tuple[int, int]] = []
+    start: int | None = None
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            if start is None:
+                start = i
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+        elif c == "/" and text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif c == ";":
+            spans.append((i if start is None else start, i + 1))
+            start = None
+            i += 1
+        else:
+            if start is None and not c.isspace():
+                start = i
+            i += 1
+    if start is not None:
+        spans.append((start, n))
+    return spans
+
+
+def _code_only(text: str) -> str:
+    """`text` with comments and string contents blanked, for looking for declarations."""
+    out = list(text)
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            for k in range(i + 1, min(j, n)):
+                out[k] = " "
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            for k in range(i, j):
+                out[k] = " "
+            i = j
+        else:
+            i += 1
+    return "".join(out)
+
+
+def _locate(chunk: _Chunk, message: str) -> str:
+    """The most precise position for an error: a quoted fragment found exactly once, else the start."""
+    for fragment in _TICKED.findall(_FOR_POLICY.sub("", message)):
+        if len(fragment) >= 2 and chunk.text.count(fragment) == 1:
+            return chunk.where(chunk.text.index(fragment))
+    return chunk.where()
+
+
+def _group_by_action(messages: Iterable[str]) -> list[str]:
+    """Cedar repeats a type error once per action; say it once, naming the actions."""
+    groups: dict[str, list[str]] = {}
+    for msg in messages:
+        actions = _ACTION_REF.findall(msg)
+        key = _ACTION_REF.sub("\x00", msg) if len(actions) == 1 else msg
+        groups.setdefault(key, []).extend(actions if len(actions) == 1 else [])
+    out = []
+    for key, actions in groups.items():
+        if actions:
+            key = key.replace("\x00", ", ".join(sorted(set(actions))))
+        out.append(key)
+    return out
+
+
+def _action_matches(scope: Mapping[str, Any], action: str) -> bool:
+    op = scope.get("op")
+    if op in ("==", "in") and "entity" in scope:
+        return bool(scope["entity"] == {"type": "Action", "id": action})
+    if op == "in" and isinstance(scope.get("entities"), list):
+        return {"type": "Action", "id": action} in scope["entities"]
+    return True
+
+
+def _resource_matches(scope: Mapping[str, Any], upstream: str, tool: str) -> bool:
+    """Whether a resource scope can hold for `Tool::"<upstream>/<tool>"`.
+
+    Exact because Bastion builds the resource entity itself: its only ancestor is
+    `Upstream::"<upstream>"`. Anything unrecognised counts as a match (kept, never dropped).
+    """
+    uid = {"type": "Tool", "id": f"{upstream}/{tool}"}
+    parent = {"type": "Upstream", "id": upstream}
+    op = scope.get("op")
+    if op == "==" and "entity" in scope:
+        return bool(scope["entity"] == uid)
+    if op == "in" and "entity" in scope:
+        return scope["entity"] in (uid, parent)
+    if op == "is":
+        if scope.get("entity_type") != "Tool":
+            return False
+        inner = scope.get("in")
+        return not isinstance(inner, Mapping) or inner.get("entity") in (uid, parent)
+    return True
+
+
+def _check_scope(est: Mapping[str, Any]) -> str | None:
+    """Refuse action scopes naming actions Bastion never sends (e.g. action groups).
+
+    Bastion evaluates without the action hierarchy, so `action in Action::"writes"` would never
+    match: harmless in a permit, but a forbid that silently never applies is a hole.
+    """
+    scope = est.get("action", {})
+    refs = [scope["entity"]] if "entity" in scope else list(scope.get("entities", []))
+    for ref in refs:
+        if (
+            not isinstance(ref, Mapping)
+            or ref.get("type") != "Action"
+            or ref.get("id") not in REQUEST_ACTIONS
+        ):
+            name = ref.get("id") if isinstance(ref, Mapping) else ref
+            known = ", ".join(sorted(REQUEST_ACTIONS))
+            return (
+                f"action {name!r} is not one Bastion evaluates (one of {known}); "
+                "action groups are not supported: list the actions"
+            )
+    return None
+
+
+def _redact(message: str, policy_text: str) -> str:
+    """Cedar quotes values in its errors (`the values `5000` and `1``): keep only policy text."""
+    return _TICKED.sub(lambda m: m.group(0) if m.group(1) in policy_text else "`…`", message)
+
+
+class PolicyEngine:
+    """A loaded, validated, immutable policy set. Reloading builds a new engine and swaps it in."""
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        policies: list[PolicyInfo],
+        est: dict[str, Any],
+        tz: ZoneInfo,
+        arg_types: dict[str, dict[str, CedarType]],
+    ) -> None:
+        self.version = version
+        self.policies: tuple[PolicyInfo, ...] = tuple(policies)
+        self._by_id = {p.id: p for p in policies}
+        self._order = {p.id: i for i, p in enumerate(policies)}
+        self._est = est
+        self._tz = tz
+        self._arg_types = arg_types
+        self._sets: OrderedDict[tuple[str, str, str], cedarpy.PolicySet] = OrderedDict()
+        self._sets_by_ids: dict[tuple[str, ...], cedarpy.PolicySet] = {}
+        self._entities: OrderedDict[tuple[Any, ...], cedarpy.Entities] = OrderedDict()
+
+    # Loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, cfg: PolicyConfig, tool_schemas: Mapping[str, Mapping[str, Any]] = {}) -> PolicyEngine:
+        """Read, parse and validate every `*.cedar` under `cfg.dir`; any problem is a ConfigError.
+
+        `tool_schemas` maps `<upstream>/<tool>` to the tool's MCP `inputSchema`: they give
+        `context.args` its Cedar type (`ToolArgs`) and the per-tool argument types.
+        """
+        errors: list[str] = []
+        directory = cfg.dir
+        if not directory.is_dir():
+            raise ConfigError(f"policy.dir: {directory} is not a directory")
+        files = sorted(
+            (p for p in directory.rglob("*.cedar") if p.is_file()),
+            key=lambda p: p.relative_to(directory).as_posix(),
+        )
+        schema_path = cfg.schema_path
+        try:
+            user_schema = schema_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"policy.schema: cannot read {schema_path}: {exc}") from exc
+        try:
+            tz = ZoneInfo(cfg.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"policy.timezone: unknown time zone {cfg.timezone!r}") from exc
+
+        tool_args = ""
+        if not _TOOLARGS_DEF.search(_code_only(user_schema)):
+            tool_args = args_type_from_input_schemas(tool_schemas)
+        try:
+            schema = cedarpy.Schema.from_str(user_schema.rstrip() + "\n\n" + tool_args)
+        except ValueError as exc:
+            raise ConfigError(f"invalid policy schema:\n  {schema_path}: {exc}") from exc
+
+        digest = hashlib.sha256()
+        chunks: list[_Chunk] = []
+        for path in files:
+            rel = path.relative_to(directory).as_posix()
+            try:
+                raw = path.read_bytes()
+                text = raw.decode("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                errors.append(f"{path}: cannot read: {exc}")
+                continue
+            digest.update(b"file\x00" + rel.encode() + b"\x00" + raw + b"\x00")
+            chunks.extend(_Chunk(path, rel, text[s:e], s, text) for s, e in _split(text))
+        digest.update(b"schema\x00" + user_schema.encode() + b"\x00" + tool_args.encode())
+
+        policies: list[PolicyInfo] = []
+        parsed: list[tuple[_Chunk, dict[str, Any]]] = []
+        first_seen: dict[str, str] = {}
+        for chunk in chunks:
+            try:
+                doc = json.loads(cedarpy.policies_to_json_str(chunk.text))
+            except ValueError as exc:
+                errors.append(f"{_locate(chunk, str(exc))}: {exc}")
+                continue
+            if doc.get("templates"):
+                errors.append(f"{chunk.where()}: templates (?principal / ?resource) are not supported")
+                continue
+            static = list(doc.get("staticPolicies", {}).values())
+            if len(static) != 1:
+                errors.append(f"{chunk.where()}: expected one policy ending in `;`")
+                continue
+            est = static[0]
+            info, problem = _info(chunk, est)
+            if problem is None:
+                problem = _check_scope(est)
+            if problem is not None:
+                errors.append(f"{chunk.where()}: {problem}")
+                continue
+            if info.id in first_seen:
+                errors.append(f"{chunk.where()}: duplicate @id {info.id!r} (first at {first_seen[info.id]})")
+                continue
+            first_seen[info.id] = info.source
+            policies.append(info)
+            parsed.append((chunk, est))
+
+        if parsed:
+            result = cedarpy.validate_policies("\n".join(c.text for c, _ in parsed), schema)
+            by_policy: dict[int, list[str]] = {}
+            for err in result.errors:
+                m = _POLICY_N.match(err.policy_id)
+                by_policy.setdefault(int(m.group(1)) if m else -1, []).append(_FOR_POLICY.sub("", err.error))
+            for index, messages in sorted(by_policy.items()):
+                owner = parsed[index][0] if 0 <= index < len(parsed) else None
+                for msg in _group_by_action(messages):
+                    errors.append(f"{_locate(owner, msg) if owner else schema_path}: {msg}")
+            if by_policy and tool_args and not tool_schemas and "`args." in "".join(errors):
+                errors.append(
+                    f"{schema_path}: note: no tool input schemas were known, so ToolArgs has no attributes "
+                    "and no policy can read context.args (are the upstreams reachable?)"
+                )
+        elif not errors:
+            errors.append(
+                f"{directory}: no policies (*.cedar) found; an empty policy set would deny every call, "
+                "so it is refused as a misconfiguration"
+            )
+        if errors:
+            raise ConfigError("invalid policy set:\n  " + "\n  ".join(errors))
+
+        est_by_id = {info.id: est for info, (_, est) in zip(policies, parsed, strict=True)}
+        arg_types = {key: arg_types_from_input_schema(s) for key, s in tool_schemas.items()}
+        return cls(
+            version=digest.hexdigest()[:16],
+            policies=policies,
+            est=est_by_id,
+            tz=tz,
+            arg_types={k: v for k, v in arg_types.items() if v},
+        )
+
+    # Deciding --------------------------------------------------------------------------------
+
+    def _policy_set(self, action: str, upstream: str, tool: str) -> cedarpy.PolicySet:
+        """The policies whose scope can match this action and tool, parsed once and cached.
+
+        Cedar's cost is linear in the number of policies; most are scoped to other tools and can
+        never match, so dropping them changes no decision and no diagnostic.
+        """
+        key = (action, upstream, tool)
+        found = self._sets.get(key)
+        if found is not None:
+            self._sets.move_to_end(key)
+            return found
+        ids = tuple(
+            pid
+            for pid, est in self._est.items()
+            if _action_matches(est.get("action", {}), action)
+            and _resource_matches(est.get("resource", {}), upstream, tool)
+        )
+        found = self._sets_by_ids.get(ids)
+        if found is None:
+            doc = {
+                "staticPolicies": {pid: self._est[pid] for pid in ids},
+                "templates": {},
+                "templateLinks": [],
+            }
+            found = cedarpy.PolicySet.from_json_str(json.dumps(doc))
+            if len(self._sets_by_ids) >= _CACHE_MAX:
+                self._sets_by_ids.clear()
+            self._sets_by_ids[ids] = found
+        self._sets[key] = found
+        if len(self._sets) > _CACHE_MAX:
+            self._sets.popitem(last=False)
+        return found
+
+    def _entities_for(
+        self, principal: Principal, upstream: str, tool: str, settings: ToolSettings
+    ) -> cedarpy.Entities:
+        key = (
+            principal.sub,
+            principal.groups,
+            principal.roles,
+            principal.tenant,
+            principal.email,
+            upstream,
+            tool,
+            settings.risk,
+            tuple(settings.tags),
+        )
+        found = self._entities.get(key)
+        if found is not None:
+            self._entities.move_to_end(key)
+            return found
+        attrs: dict[str, Any] = {"groups": sorted(principal.groups), "roles": sorted(principal.roles)}
+        if principal.tenant is not None:
+            attrs["tenant"] = principal.tenant
+        if principal.email is not None:
+            attrs["email"] = principal.email
+        doc = [
+            {
+                "uid": {"type": "User", "id": principal.sub},
+                "attrs": attrs,
+                "parents": [{"type": "Group", "id": g} for g in sorted(principal.groups)],
+            },
+            {
+                "uid": {"type": "Tool", "id": f"{upstream}/{tool}"},
+                "attrs": {"risk": settings.risk, "tags": list(settings.tags)},
+                "parents": [{"type": "Upstream", "id": upstream}],
+            },
+        ]
+        found = cedarpy.Entities.from_json_str(json.dumps(doc))
+        self._entities[key] = found
+        if len(self._entities) > _CACHE_MAX:
+            self._entities.popitem(last=False)
+        return found
+
+    def decide(
+        self,
+        principal: Principal,
+        action: str,
+        upstream: str,
+        tool: str,
+        args: Mapping[str, Any],
+        settings: ToolSettings,
+        now: datetime | None = None,
+    ) -> Decision:
+        """Evaluate one request. Anything but a clean Allow is a deny that says why."""
+        key = f"{upstream}/{tool}"
+        try:
+            clean = sanitize_args(args, self._arg_types.get(key))
+        except ArgumentError as exc:
+            return self._deny(Reason("invalid-arguments", str(exc)))
+        local = (now or datetime.now(self._tz)).astimezone(self._tz)
+        chain = list(principal.delegation_chain)
+        context: dict[str, Any] = {
+            "args": clean,
+            "agent": {"id": principal.agent or "", "chain": chain, "depth": len(chain)},
+            "risk": settings.risk,
+            "time": {"hour": local.hour, "weekday": local.isoweekday()},
+            "pii": [],
+        }
+        request = {
+            "principal": {"type": "User", "id": principal.sub},
+            "action": {"type": "Action", "id": action},
+            "resource": {"type": "Tool", "id": key},
+            "context": json.dumps(context),
+        }
+        try:
+            result = cedarpy.is_authorized(
+                request,
+                self._policy_set(action, upstream, tool),
+                self._entities_for(principal, upstream, tool, settings),
+            )
+        except Exception as exc:  # fail closed on anything the binding raises
+            return self._deny(
+                Reason("policy-error", f"the request could not be evaluated ({type(exc).__name__})")
+            )
+        return self._interpret(result, action, key)
+
+    def _interpret(self, result: cedarpy.AuthzResult, action: str, key: str) -> Decision:
+        diagnostics = result.diagnostics
+        determining = sorted(
+            (self._by_id[pid] for pid in diagnostics.reasons if pid in self._by_id),
+            key=lambda p: self._order[p.id],
+        )
+        errors = [self._error_text(e) for e in diagnostics.errors]
+        if result.decision == cedarpy.Decision.Allow and not errors:
+            effect: Effect = "allow"
+            for p in determining:
+                obliged = OBLIGATIONS.get(p.obligation or "", "allow")
+                if _STRICTNESS[obliged] > _STRICTNESS[effect]:
+                    effect = obliged
+            ordered = sorted(determining, key=lambda p: OBLIGATIONS.get(p.obligation or "") != effect)
+            reasons = tuple(Reason(p.id, p.reason) for p in ordered)
+            return Decision(effect, reasons, "policy", self.version)
+        forbids = [Reason(p.id, p.reason) for p in determining if p.effect == "forbid"]
+        if result.decision == cedarpy.Decision.Deny and forbids:
+            extra = (Reason("policy-error", "; ".join(errors)),) if errors else ()
+            return Decision("deny", (*forbids, *extra), "policy", self.version)
+        if errors or result.decision != cedarpy.Decision.Deny:
+            return self._deny(Reason("policy-error", "; ".join(errors) or "Cedar reached no decision"))
+        return self._deny(Reason("default-deny", f"no policy permits {action} on {key}"))
+
+    def _error_text(self, error: str) -> str:
+        m = _EVAL_ERROR.match(error)
+        if m and m.group(1) in self._by_id:
+            info = self._by_id[m.group(1)]
+            return f"policy {info.id} could not be evaluated: {_redact(m.group(2), info.text)}"
+        return f"the request could not be evaluated: {_redact(error, '')}"
+
+    def _deny(self, reason: Reason) -> Decision:
+        return Decision("deny", (reason,), "policy", self.version)
+
+    def allowed_tools(
+        self,
+        principal: Principal,
+        upstream: str,
+        tools: list[str],
+        settings_for: Callable[[str], ToolSettings],
+    ) -> set[str]:
+        """The tools `tools/list` shows this caller: those on which `list_tools` is not denied.
+
+        Listing is its own action so that a permit conditioned on arguments (`call_tool` when
+        `context.args.amount < 100`) does not hide the tool; `context.args` is `{}` here.
+        """
+        return {
+            name
+            for name in tools
+            if self.decide(principal, "list_tools", upstream, name, {}, settings_for(name)).effect != "deny"
+        }
+
+    def source_of(self, policy_id: str) -> str | None:
+        """Where a policy is written (`file:line:col`), for explaining a decision."""
+        info = self._by_id.get(policy_id)
+        return info.source if info else None
+
+
+def _info(chunk: _Chunk, est: Mapping[str, Any]) -> tuple[PolicyInfo, str | None]:
+    """The policy's id, reason and obligation from its annotations, or the problem with them."""
+    notes = est.get("annotations") or {}
+    effect: Literal["permit", "forbid"] = "forbid" if est.get("effect") == "forbid" else "permit"
+    pid = notes.get("id")
+    reason = notes.get("reason") or ""
+    obligation = notes.get("obligation")
+    info = PolicyInfo(
+        id=pid if pid else f"{chunk.rel}:{chunk.line}",
+        effect=effect,
+        reason=reason,
+        obligation=obligation,
+        source=chunk.where(),
+        text=chunk.text,
+    )
+    if "id" in notes and not (isinstance(pid, str) and _ID_OK.match(pid)):
+        return (
+            info,
+            "@id must be 1-128 characters without quotes, backquotes, backslashes or control characters",
+        )
+    if obligation is not None:
+        if effect == "forbid":
+            return info, "@obligation applies to permit policies only"
+        if obligation not in OBLIGATIONS:
+            return info, f"unknown @obligation {obligation!r} (known: {', '.join(sorted(OBLIGATIONS))})"
+    return info, None

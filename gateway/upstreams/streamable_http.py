@@ -1,0 +1,262 @@
+"""Client for one upstream MCP server over Streamable HTTP, in whichever era it speaks.
+
+One pooled `httpx.AsyncClient` per upstream, built once. The upstream never sees the caller's
+token: only the headers configured for it. Upstream clients forward and report; they never
+decide. httpx errors become `UpstreamError` / `UpstreamTimeout` here.
+
+Era: `protocol: auto` probes `server/discover` once (2026-07-28); an upstream that does not
+answer it is spoken to with the `initialize` handshake (2025-03-26 ... 2025-11-25).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from httpx_sse import EventSource, ServerSentEvent
+
+from gateway.config import UpstreamConfig
+from gateway.errors import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("bastion.upstream")
+
+MODERN_VERSION = "2026-07-28"
+LEGACY_VERSION = "2025-11-25"
+ACCEPT = "application/json, text/event-stream"
+CLIENT_INFO = {"name": "bastion", "version": "0.1.0"}
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+    "io.modelcontextprotocol/clientInfo": CLIENT_INFO,
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+Era = Literal["modern", "legacy"]
+
+
+@dataclass(slots=True)
+class Reply:
+    """An upstream HTTP response whose body has not been read yet (it may be a long SSE stream)."""
+
+    response: httpx.Response
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def is_sse(self) -> bool:
+        return self.response.headers.get("content-type", "").startswith("text/event-stream")
+
+    async def body(self) -> bytes:
+        try:
+            return await self.response.aread()
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("upstream timed out while sending its response") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream response broke off: {type(exc).__name__}") from exc
+        finally:
+            await self.response.aclose()
+
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in EventSource(self.response).aiter_sse():
+                yield event
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("upstream stream timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream stream broke off: {type(exc).__name__}") from exc
+        finally:
+            await self.response.aclose()
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+async def first_message(reply: Reply) -> dict[str, Any]:
+    """The one JSON-RPC response in a reply, whether it came as JSON or as an SSE stream."""
+    if reply.is_sse:
+        async for event in reply.events():
+            if event.data:
+                msg = json.loads(event.data)
+                if isinstance(msg, dict) and ("result" in msg or "error" in msg):
+                    return msg
+        raise UpstreamError("upstream stream ended without a response")
+    msg = json.loads(await reply.body())
+    if not isinstance(msg, dict):
+        raise UpstreamError("upstream answered something other than a JSON-RPC object")
+    return msg
+
+
+@dataclass
+class SharedSession:
+    """A legacy upstream session shared by stateless (2026-07-28) clients."""
+
+    id: str | None = None
+    version: str = LEGACY_VERSION
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class StreamableHTTPUpstream:
+    """Forwards JSON-RPC messages to one upstream and hands back its raw replies."""
+
+    def __init__(self, name: str, cfg: UpstreamConfig) -> None:
+        assert cfg.url is not None
+        self.name = name
+        self.url = cfg.url
+        self.cfg = cfg
+        self.era: Era | None = {"auto": None, "legacy": "legacy", MODERN_VERSION: "modern"}[cfg.protocol]
+        self.server_info: dict[str, Any] = {"name": name, "version": ""}
+        self.capabilities: dict[str, Any] = {}
+        self.instructions: str | None = None
+        self.shared = SharedSession()
+        self._era_lock = asyncio.Lock()
+        self._detected = False
+        self.client = httpx.AsyncClient(
+            headers=cfg.headers,
+            timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def send(
+        self,
+        http_method: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        long_lived: bool = False,
+    ) -> Reply:
+        """Send one HTTP request; the reply's body stays unread so SSE can be streamed through.
+
+        `long_lived` lifts the read timeout for streams that may stay quiet for a long time (the
+        legacy GET stream, `subscriptions/listen`); the connect timeout still applies.
+        """
+        hdrs = {"accept": ACCEPT}
+        if body is not None:
+            hdrs["content-type"] = "application/json"
+        if headers:
+            hdrs.update(headers)
+        request = self.client.build_request(http_method, self.url, content=body, headers=hdrs)
+        if long_lived:
+            request.extensions["timeout"] = httpx.Timeout(
+                self.cfg.timeout_s, connect=self.cfg.connect_timeout_s, read=None
+            ).as_dict()
+        try:
+            return Reply(await self.client.send(request, stream=True))
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream {self.name} unreachable: {type(exc).__name__}") from exc
+
+    async def rpc(self, method: str, params: dict[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
+        """A request Bastion makes on its own behalf (discovery, handshakes); returns the message."""
+        body = json.dumps({"jsonrpc": "2.0", "id": 0, "method": method, "params": params}).encode()
+        reply = await self.send("POST", body, headers)
+        if reply.status != 200:
+            await reply.aclose()
+            raise UpstreamError(f"upstream {self.name} answered {method} with HTTP {reply.status}")
+        msg = await first_message(reply)
+        if "error" in msg:
+            raise UpstreamError(f"upstream {self.name} refused {method}: {msg['error'].get('message')}")
+        msg["_session"] = reply.response.headers.get("mcp-session-id")
+        return msg
+
+    def modern_headers(self, method: str, name: str | None = None) -> dict[str, str]:
+        hdrs = {"mcp-protocol-version": MODERN_VERSION, "mcp-method": method}
+        if name is not None:
+            hdrs["mcp-name"] = name
+        return hdrs
+
+    async def detect(self) -> Era:
+        """Learn the upstream's era and server info once; later calls return the cached answer."""
+        if self._detected and self.era is not None:
+            return self.era
+        async with self._era_lock:
+            if self._detected and self.era is not None:
+                return self.era
+            if self.era != "legacy" and await self._discover():
+                self.era = "modern"
+            elif self.era == "modern":
+                raise UpstreamError(
+                    f"upstream {self.name} does not answer server/discover for {MODERN_VERSION}"
+                )
+            else:
+                self.era = "legacy"
+                await self._open_shared()
+            self._detected = True
+            return self.era
+
+    async def _discover(self) -> bool:
+        try:
+            msg = await self.rpc(
+                "server/discover", {"_meta": MODERN_META}, self.modern_headers("server/discover")
+            )
+        except UpstreamTimeout:
+            raise
+        except (UpstreamError, ValueError):
+            return False
+        result = msg.get("result")
+        if not isinstance(result, dict) or MODERN_VERSION not in result.get("supportedVersions", []):
+            return False
+        self.capabilities = result.get("capabilities") or {}
+        self.instructions = result.get("instructions")
+        info = (result.get("_meta") or {}).get("io.modelcontextprotocol/serverInfo")
+        if isinstance(info, dict):
+            self.server_info = info
+        return True
+
+    async def initialize(self, params: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Open a legacy upstream session: `initialize` then `notifications/initialized`."""
+        msg = await self.rpc("initialize", params, {})
+        session_id = msg["_session"]
+        result = msg["result"]
+        hdrs = {"mcp-protocol-version": str(result.get("protocolVersion", LEGACY_VERSION))}
+        if session_id:
+            hdrs["mcp-session-id"] = session_id
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        reply = await self.send("POST", note, hdrs)
+        await reply.aclose()
+        self.capabilities = result.get("capabilities", {})
+        self.instructions = result.get("instructions")
+        if isinstance(result.get("serverInfo"), dict):
+            self.server_info = result["serverInfo"]
+        return session_id, result
+
+    async def _open_shared(self) -> None:
+        params = {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": CLIENT_INFO}
+        session_id, result = await self.initialize(params)
+        self.shared.id = session_id
+        self.shared.version = str(result.get("protocolVersion", LEGACY_VERSION))
+
+    async def reopen_shared(self, stale: str | None) -> None:
+        """Replace the shared legacy session after the upstream forgot it (404), once per loss."""
+        async with self.shared.lock:
+            if self.shared.id == stale:
+                await self._open_shared()
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        """Every tool the upstream offers (all pages), for policy schema generation at start-up."""
+        era = await self.detect()
+        tools: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(100):
+            params: dict[str, Any] = {} if cursor is None else {"cursor": cursor}
+            if era == "modern":
+                params["_meta"] = MODERN_META
+                hdrs = self.modern_headers("tools/list")
+            else:
+                hdrs = {"mcp-protocol-version": self.shared.version}
+                if self.shared.id:
+                    hdrs["mcp-session-id"] = self.shared.id
+            result = (await self.rpc("tools/list", params, hdrs))["result"]
+            tools.extend(t for t in result.get("tools", []) if isinstance(t, dict))
+            cursor = result.get("nextCursor")
+            if not cursor:
+                break
+        return tools
