@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -198,7 +198,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def server_for(
-    app: Any, sock: socket.socket, log_level: str = "warning", lifespan: str = "off"
+    app: Any, sock: socket.socket, log_level: str = "warning", lifespan: Literal["auto", "on", "off"] = "off"
 ) -> uvicorn.Server:
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(

@@ -25,7 +25,7 @@ class Principal:
     """Who is asking: made once by the identity stage from a verified credential, never re-parsed.
 
     `agent` is the software acting (OAuth `azp`/`client_id`), `delegation_chain` the `act` claims
-    from the innermost actor outwards, so a policy can tell "alice" from "an agent for alice".
+    (RFC 8693), the current actor first, so a policy can tell "alice" from "an agent for alice".
     """
 
     sub: str

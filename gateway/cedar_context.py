@@ -26,6 +26,7 @@ __all__ = [
     "merge_arg_types",
     "render_record",
     "sanitize_args",
+    "tool_args_record",
 ]
 
 MAX_DEPTH = 16
@@ -43,8 +44,6 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CedarType: TypeAlias = "str | tuple[str, CedarType] | dict[str, CedarType]"
 """A Cedar type as a small tree: `"Long"`, `"String"`, `"Bool"`, `"decimal"`,
 `("Set", element)` or a record `{name: type}` whose attributes are all optional."""
-
-_SCALARS = frozenset({"Long", "String", "Bool", "decimal"})
 
 
 class ArgumentError(Exception):
@@ -351,13 +350,11 @@ def render_record(record: Mapping[str, CedarType], indent: int = 0) -> str:
     return "{\n" + ",\n".join(lines) + "\n" + "  " * indent + "}"
 
 
-def args_type_from_input_schemas(schemas: Mapping[str, Mapping[str, Any]]) -> str:
-    """The Cedar common type `ToolArgs`: the union of every tool's top-level arguments.
+def tool_args_record(schemas: Mapping[str, Mapping[str, Any]]) -> dict[str, CedarType]:
+    """The attributes of `ToolArgs`: every tool's top-level arguments that have one Cedar type.
 
-    Keys of `schemas` are `<upstream>/<tool>`, values MCP `inputSchema`s. Every attribute is
-    optional, since any tool may omit any of them; a name whose type differs between tools, or
-    has no Cedar type, is left out, so a policy that reads it fails validation instead of
-    evaluating against a value of the wrong type.
+    A name whose type differs between tools, or has no Cedar type, is left out, so a policy that
+    reads it fails validation instead of evaluating against a value of the wrong type.
     """
     seen: dict[str, list[CedarType | None]] = {}
     for _key, schema in sorted(schemas.items()):
@@ -369,4 +366,13 @@ def args_type_from_input_schemas(schemas: Mapping[str, Mapping[str, Any]]) -> st
         t = merge_arg_types(types)
         if t is not None:
             record[name] = t
-    return f"type ToolArgs = {render_record(record)};\n"
+    return record
+
+
+def args_type_from_input_schemas(schemas: Mapping[str, Mapping[str, Any]]) -> str:
+    """The Cedar common type `ToolArgs` (the type of `context.args`) for these tools.
+
+    Keys of `schemas` are `<upstream>/<tool>`, values MCP `inputSchema`s. Every attribute is
+    optional, since any tool may omit any of them (see `tool_args_record` for what is left out).
+    """
+    return f"type ToolArgs = {render_record(tool_args_record(schemas))};\n"

@@ -198,7 +198,7 @@ def _interpolate(node: Any, path: str) -> Any:
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
     def rel(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else base / p
+        return p if p is None or p.is_absolute() else base / p
 
     policy = cfg.policy.model_copy(
         update={"dir": rel(cfg.policy.dir), "schema_file": rel(cfg.policy.schema_file)}

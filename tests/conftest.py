@@ -129,15 +129,30 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def policy_dir(data_dir: Path) -> Path:
+    """The repo's policies, plus a permit for the `legacy` test upstream (same tools as demo)."""
+    target = data_dir / "policies"
+    shutil.copytree(POLICIES, target)
+    (target / "legacy.cedar").write_text(
+        '@id("developers-use-legacy")\n'
+        'permit (principal in Group::"developers", action in [Action::"call_tool", Action::"list_tools"], '
+        'resource in Upstream::"legacy");\n'
+    )
+    return target
+
+
+@pytest.fixture(scope="session")
 def dev_key(data_dir: Path) -> DevKey:
     return ensure_dev_key(data_dir)
 
 
-def make_config(data_dir: Path, upstreams: dict[str, str], port: int, **extra: Any) -> Config:
+def make_config(
+    data_dir: Path, upstreams: dict[str, str], port: int, policy_dir: Path = POLICIES, **extra: Any
+) -> Config:
     data: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port},
         "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
-        "policy": {"dir": str(POLICIES)},
+        "policy": {"dir": str(policy_dir)},
         "upstreams": {
             name: {"url": url, "tools": {"delete_note": {"risk": "write"}, "transfer": {"risk": "external"}}}
             for name, url in upstreams.items()
@@ -151,9 +166,9 @@ def make_config(data_dir: Path, upstreams: dict[str, str], port: int, **extra: A
 
 @asynccontextmanager
 async def running_gateway(cfg: Config) -> AsyncIterator[tuple[str, Gateway]]:
-    sock = bind(cfg.listen.host, cfg.listen.port)
     gw = Gateway(cfg)
     await gw.start()
+    sock = bind(cfg.listen.host, cfg.listen.port)
     server = server_for(build_app(gw), sock)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -178,10 +193,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 async def gateway(
-    data_dir: Path, dev_key: DevKey, upstream_url: str, legacy_upstream: tuple[str, LegacyOnly]
+    data_dir: Path,
+    dev_key: DevKey,
+    upstream_url: str,
+    legacy_upstream: tuple[str, LegacyOnly],
+    policy_dir: Path,
 ) -> AsyncIterator[tuple[str, Gateway]]:
     """Bastion in front of `demo` (dual-era upstream) and `legacy` (2025-era upstream)."""
-    cfg = make_config(data_dir, {"demo": upstream_url, "legacy": legacy_upstream[0]}, free_port())
+    upstreams = {"demo": upstream_url, "legacy": legacy_upstream[0]}
+    cfg = make_config(data_dir, upstreams, free_port(), policy_dir)
     async with running_gateway(cfg) as running_gw:
         yield running_gw
 

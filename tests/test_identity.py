@@ -529,3 +529,29 @@ def test_www_authenticate(tmp_path: Path) -> None:
         'error_description="issuer \\"x\\\\y\\" is not trusted"'
     )
     assert "\n" not in a.www_authenticate(url, AuthError("a\r\nSet-Cookie: x"))
+
+
+async def test_removed_key_stops_cached_tokens_after_ttl(idp: IdP) -> None:
+    a = Authenticator(identity(issuer=idp.url, jwks_url=f"{idp.url}/jwks", jwks_ttl_s=0.05), BASE, [])
+    await a.start()
+    old = bearer(sign(ES, remote_claims(idp)))
+    await a.authenticate(old)
+    idp.reset(ROTATED)
+    await asyncio.sleep(0.06)
+    await a.authenticate(old)
+    for _ in range(100):
+        if idp.hits.get("/jwks") == 1:
+            break
+        await asyncio.sleep(0.01)
+    err = await reason(a, old)
+    assert err.message == f"unknown key id es-1 for issuer {idp.url}"
+    await a.aclose()
+
+
+def test_empty_audiences_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"identity\.issuers\.0\.audiences: empty"):
+        Authenticator(identity(jwks_file=tmp_path / "k.json", audiences=[]), BASE, [])
+
+
+async def test_bearer_scheme_is_case_insensitive(auth: Authenticator) -> None:
+    assert (await auth.authenticate("bearer\t" + sign(ES, claims()))).sub == "alice"

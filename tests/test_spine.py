@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,11 +14,11 @@ import httpx
 import httpx2
 import jwt
 import pytest
+import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
-from audit.export import run_export
 from audit.store import AuditStore
 from gateway.app import Gateway
 from gateway.devkeys import ensure_dev_key
@@ -369,8 +371,8 @@ async def test_legacy_client_ping_on_modern_upstream(
 ) -> None:
     base, _ = gateway
     async with mcp_client(f"{base}/mcp/demo", token(), "legacy") as client:
-        with pytest.warns(DeprecationWarning):
-            await client.send_ping()
+        with pytest.warns(MCPDeprecationWarning):
+            assert await client.send_ping() is not None
 
 
 async def test_audit_export_jsonl(
@@ -381,19 +383,25 @@ async def test_audit_export_jsonl(
         await client.call_tool("echo", {"text": "exported"})
         await client.call_tool("delete_note", {"name": "welcome"})
     out = tmp_path / "audit.jsonl"
-    count = run_export(
-        gw.cfg.audit.url,
+    config = tmp_path / "bastion.yaml"
+    config.write_text(yaml.safe_dump({"audit": {"url": gw.cfg.audit.url}}))
+    cli = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "audit",
+        "export",
+        "--config",
+        str(config),
+        "--format",
         "jsonl",
-        str(out),
-        since=None,
-        until=None,
-        user=None,
-        tool=None,
-        effect=None,
-        status=None,
-    )
+    ]
+    proc = await asyncio.create_subprocess_exec(*cli, "-o", str(out), stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert count == len(lines) >= 2
+    assert f"exported {len(lines)} records" in err.decode()
+    assert len(lines) >= 2
     assert {line["tool"] for line in lines} >= {"echo", "delete_note"}
     deny = [line for line in lines if line["tool"] == "delete_note"][-1]
     assert deny["decision"]["effect"] == "deny" and deny["decision"]["policy_ids"] == ["delete-needs-admin"]

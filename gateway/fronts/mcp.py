@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import metrics
-from gateway.call import Decision, Outcome, Principal, ToolCall
+from gateway.call import Decision, Outcome, OutcomeStatus, Principal, ToolCall
 from gateway.errors import (
     AuditUnavailable,
     AuthError,
@@ -298,6 +298,8 @@ class MCPFront:
         if not decision.allowed:
             await self.pipeline.finish(call, decision, Outcome("denied", self.pipeline.elapsed_ms(call)))
             result = denied_result(decision, call.audit_id)
+            if x.modern:
+                result["resultType"] = "complete"
             return Response(jsonrpc.result(x.msg.get("id"), result), media_type="application/json")
         return await self._forward(x, self._audited(call, decision), call=(call, decision))
 
@@ -305,6 +307,8 @@ class MCPFront:
         async def final(msg: dict[str, Any], raw: bytes) -> bytes:
             error = msg.get("error")
             result = msg.get("result")
+            status: OutcomeStatus
+            why: str | None
             if isinstance(error, dict):
                 status, why = "failed", str(error.get("message", "upstream error"))[:500]
             elif isinstance(result, dict) and result.get("isError") is True:
@@ -313,7 +317,7 @@ class MCPFront:
                 status, why = "completed", None
             latency = self.pipeline.elapsed_ms(call)
             metrics.UPSTREAM_SECONDS.labels(call.upstream, status).observe(latency / 1000)
-            outcome = Outcome(status, latency, 200, why, sha256_hex(raw))  # type: ignore[arg-type]
+            outcome = Outcome(status, latency, 200, why, sha256_hex(raw))
             try:
                 await self.pipeline.finish(call, decision, outcome)
             except AuditUnavailable as err:
@@ -330,6 +334,8 @@ class MCPFront:
             tools = [t for t in result["tools"] if isinstance(t, dict) and isinstance(t.get("name"), str)]
             allowed = self.allowed_tools(x.principal, x.upstream.name, [t["name"] for t in tools])
             result["tools"] = [t for t in tools if t["name"] in allowed]
+            if "cacheScope" in result:
+                result["cacheScope"] = "private"  # the list now depends on who asked
             return jsonrpc.dumps(msg)
 
         return final
@@ -368,11 +374,12 @@ class MCPFront:
             msg = json.loads(raw)
             if restore_id:
                 msg["id"] = request_id
+                _modernize(msg, x.method)
                 raw = jsonrpc.dumps(msg)
             out = await final(msg, raw) if final else raw
             return Response(out, reply.status, media_type="application/json", headers=passthrough)
         return StreamingResponse(
-            self._relay(reply, request_id, upstream_id, restore_id is not None, final, call),
+            self._relay(reply, request_id, upstream_id, x.method if restore_id else None, final, call),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", **passthrough},
         )
@@ -433,11 +440,15 @@ class MCPFront:
         reply: Reply,
         request_id: Any,
         upstream_id: Any,
-        restore: bool,
+        restore: str | None,
         final: Final | None,
         call: tuple[ToolCall, Decision] | None,
     ) -> AsyncIterator[bytes]:
-        """Relay an upstream SSE stream event by event; hold back only the final response."""
+        """Relay an upstream SSE stream event by event; hold back only the final response.
+
+        `restore` (the method) is set when the request id was rewritten for a shared legacy
+        session: the final response gets the client's id back and the 2026 result fields.
+        """
         finished = False
         try:
             async for event in reply.events():
@@ -447,6 +458,7 @@ class MCPFront:
                     if msg is not None:
                         if restore:
                             msg["id"] = request_id
+                            _modernize(msg, restore)
                             data = jsonrpc.dumps(msg).decode()
                         if final is not None:
                             data = (await final(msg, data.encode())).decode()
@@ -467,7 +479,7 @@ class MCPFront:
         self, call: tuple[ToolCall, Decision], err: UpstreamError, upstream_status: int | None = None
     ) -> None:
         tool_call, decision = call
-        status = "timeout" if isinstance(err, UpstreamTimeout) else "failed"
+        status: OutcomeStatus = "timeout" if isinstance(err, UpstreamTimeout) else "failed"
         latency = self.pipeline.elapsed_ms(tool_call)
         metrics.UPSTREAM_SECONDS.labels(tool_call.upstream, status).observe(latency / 1000)
         await self.pipeline.finish(
@@ -591,6 +603,22 @@ def _response_to(data: str, request_id: Any) -> dict[str, Any] | None:
     if isinstance(msg, dict) and msg.get("id") == request_id and ("result" in msg or "error" in msg):
         return msg
     return None
+
+
+_CACHEABLE = frozenset(
+    {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
+)
+
+
+def _modernize(msg: dict[str, Any], method: str) -> None:
+    """Give a legacy upstream's result the fields a 2026-07-28 client requires."""
+    result = msg.get("result")
+    if not isinstance(result, dict):
+        return
+    result.setdefault("resultType", "complete")
+    if method in _CACHEABLE:
+        result.setdefault("ttlMs", 0)
+        result.setdefault("cacheScope", "private")
 
 
 def _discover_result(up: StreamableHTTPUpstream) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def _keyset_from_pem(data: bytes, source: str) -> _KeySet:
 
 def _load_file_keys(cfg: IssuerConfig) -> _KeySet:
     path = cfg.jwks_file or cfg.public_key_file
-    assert path is not None
+    if path is None:
+        raise ConfigError(f"identity issuer {cfg.issuer!r}: no key source (jwks_file or public_key_file)")
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -218,6 +219,7 @@ class _IssuerState:
 class _Cached:
     principal: Principal
     exp: float
+    issuer: _IssuerState
 
 
 def _segment(part: str) -> Any:
@@ -283,9 +285,11 @@ class Authenticator:
         base = base_url.rstrip("/")
         default_audiences = (base, *(f"{base}/mcp/{name}" for name in upstreams))
         self._issuers: dict[str, _IssuerState] = {}
-        for issuer in cfg.issuers:
+        for i, issuer in enumerate(cfg.issuers):
             if issuer.issuer in self._issuers:
-                raise ConfigError(f"identity.issuers: issuer {issuer.issuer!r} is configured twice")
+                raise ConfigError(f"identity.issuers.{i}: issuer {issuer.issuer!r} is configured twice")
+            if issuer.audiences == []:
+                raise ConfigError(f"identity.issuers.{i}.audiences: empty; remove it to use the defaults")
             audiences = tuple(issuer.audiences) if issuer.audiences else default_audiences
             self._issuers[issuer.issuer] = _IssuerState(issuer, audiences)
         self._client = http_client
@@ -331,12 +335,12 @@ class Authenticator:
         limit = self._cfg.max_token_bytes
         if len(authorization) > limit + 64:
             raise _invalid(f"token larger than {limit} bytes")
-        scheme, _, token = authorization.strip().partition(" ")
+        scheme, *rest = authorization.split(None, 1)
         if scheme.lower() != "bearer":
             raise AuthError(
                 f"unsupported authorization scheme {_clip(scheme, 20)}; use Bearer", error="invalid_request"
             )
-        token = token.strip()
+        token = rest[0].strip() if rest else ""
         if not token:
             raise AuthError("missing bearer token", error="invalid_request")
         raw = token.encode("utf-8", "replace")
@@ -347,11 +351,13 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None:
             if time.time() < hit.exp:
+                self._cache.move_to_end(digest)
+                self._refresh_if_stale(hit.issuer)
                 return hit.principal
-            self._cache.pop(digest, None)
+            del self._cache[digest]
 
-        principal, exp = await self._verify(token)
-        self._cache[digest] = _Cached(principal, exp)
+        principal, exp, st = await self._verify(token)
+        self._cache[digest] = _Cached(principal, exp, st)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return principal
@@ -363,7 +369,7 @@ class Authenticator:
             value += f', error="{_quote(error.error)}", error_description="{_quote(error.message)}"'
         return value
 
-    async def _verify(self, token: str) -> tuple[Principal, float]:
+    async def _verify(self, token: str) -> tuple[Principal, float, _IssuerState]:
         if not _JWS_COMPACT.fullmatch(token):
             raise _invalid("malformed token: expected a signed JWT (three base64url parts)")
         header_b64, payload_b64, _ = token.split(".")
@@ -405,19 +411,13 @@ class Authenticator:
             )
         except jwt.PyJWTError as exc:
             raise _invalid(_describe(exc)) from exc
-        return self._principal(name, claims), float(claims["exp"])
+        return self._principal(name, claims), float(claims["exp"]), st
 
     async def _key_for(self, st: _IssuerState, kid: str | None) -> _Key:
         name = st.cfg.issuer
         if st.remote:
+            self._refresh_if_stale(st)
             now = time.monotonic()
-            ttl = st.cfg.jwks_ttl_s
-            if (
-                st.keys is not None
-                and now - st.fetched_at >= ttl
-                and now - st.last_attempt >= min(ttl, UNKNOWN_KID_REFETCH_S)
-            ):
-                self._start_refresh(st)
             if st.keys is None or st.keys.lookup(kid) is None:
                 if st.inflight is not None and not st.inflight.done():
                     await asyncio.shield(st.inflight)
@@ -435,6 +435,15 @@ class Authenticator:
                 raise _invalid(f"token has no kid and issuer {name} has {len(keys.keys)} keys")
             raise _invalid(f"unknown key id {_clip(kid)} for issuer {name}")
         return key
+
+    def _refresh_if_stale(self, st: _IssuerState) -> None:
+        """Past the TTL, refetch in the background; the current keys serve meanwhile."""
+        if not st.remote or st.keys is None:
+            return
+        now = time.monotonic()
+        ttl = st.cfg.jwks_ttl_s
+        if now - st.fetched_at >= ttl and now - st.last_attempt >= min(ttl, UNKNOWN_KID_REFETCH_S):
+            self._start_refresh(st)
 
     def _start_refresh(self, st: _IssuerState) -> asyncio.Task[None]:
         if st.inflight is None or st.inflight.done():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,8 +26,9 @@ from gateway.cedar_context import (
     ArgumentError,
     CedarType,
     arg_types_from_input_schema,
-    args_type_from_input_schemas,
+    render_record,
     sanitize_args,
+    tool_args_record,
 )
 from gateway.config import PolicyConfig, ToolSettings
 from gateway.errors import ConfigError
@@ -66,6 +66,7 @@ class PolicyInfo:
 
 @dataclass(frozen=True, slots=True)
 class _Chunk:
+    order: int
     path: Path
     rel: str
     text: str
@@ -232,17 +233,21 @@ class PolicyEngine:
         est: dict[str, Any],
         tz: ZoneInfo,
         arg_types: dict[str, dict[str, CedarType]],
+        warnings: Iterable[str] = (),
     ) -> None:
         self.version = version
+        self.warnings: tuple[str, ...] = tuple(warnings)
+        """Problems that do not stop loading but deserve a log line (`file:line:col: message`)."""
         self.policies: tuple[PolicyInfo, ...] = tuple(policies)
         self._by_id = {p.id: p for p in policies}
         self._order = {p.id: i for i, p in enumerate(policies)}
         self._est = est
         self._tz = tz
         self._arg_types = arg_types
-        self._sets: OrderedDict[tuple[str, str, str], cedarpy.PolicySet] = OrderedDict()
+        # Bounded caches, emptied when full: plain dicts stay safe if decisions run in threads.
+        self._sets: dict[tuple[str, str, str], cedarpy.PolicySet] = {}
         self._sets_by_ids: dict[tuple[str, ...], cedarpy.PolicySet] = {}
-        self._entities: OrderedDict[tuple[Any, ...], cedarpy.Entities] = OrderedDict()
+        self._entities: dict[tuple[Any, ...], cedarpy.Entities] = {}
 
     # Loading ---------------------------------------------------------------------------------
 
@@ -253,14 +258,9 @@ class PolicyEngine:
         `tool_schemas` maps `<upstream>/<tool>` to the tool's MCP `inputSchema`: they give
         `context.args` its Cedar type (`ToolArgs`) and the per-tool argument types.
         """
-        errors: list[str] = []
         directory = cfg.dir
         if not directory.is_dir():
             raise ConfigError(f"policy.dir: {directory} is not a directory")
-        files = sorted(
-            (p for p in directory.rglob("*.cedar") if p.is_file()),
-            key=lambda p: p.relative_to(directory).as_posix(),
-        )
         schema_path = cfg.schema_path
         try:
             user_schema = schema_path.read_text(encoding="utf-8")
@@ -270,91 +270,59 @@ class PolicyEngine:
             tz = ZoneInfo(cfg.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ConfigError(f"policy.timezone: unknown time zone {cfg.timezone!r}") from exc
-
         tool_args = ""
+        args_record: dict[str, CedarType] | None = None
         if not _TOOLARGS_DEF.search(_code_only(user_schema)):
-            tool_args = args_type_from_input_schemas(tool_schemas)
+            args_record = tool_args_record(tool_schemas)
+            tool_args = f"type ToolArgs = {render_record(args_record)};\n"
         try:
             schema = cedarpy.Schema.from_str(user_schema.rstrip() + "\n\n" + tool_args)
         except ValueError as exc:
             raise ConfigError(f"invalid policy schema:\n  {schema_path}: {exc}") from exc
 
         digest = hashlib.sha256()
-        chunks: list[_Chunk] = []
-        for path in files:
-            rel = path.relative_to(directory).as_posix()
-            try:
-                raw = path.read_bytes()
-                text = raw.decode("utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                errors.append(f"{path}: cannot read: {exc}")
-                continue
-            digest.update(b"file\x00" + rel.encode() + b"\x00" + raw + b"\x00")
-            chunks.extend(_Chunk(path, rel, text[s:e], s, text) for s, e in _split(text))
+        chunks, errors = _read_chunks(directory, digest.update)
         digest.update(b"schema\x00" + user_schema.encode() + b"\x00" + tool_args.encode())
-
-        policies: list[PolicyInfo] = []
-        parsed: list[tuple[_Chunk, dict[str, Any]]] = []
-        first_seen: dict[str, str] = {}
-        for chunk in chunks:
-            try:
-                doc = json.loads(cedarpy.policies_to_json_str(chunk.text))
-            except ValueError as exc:
-                errors.append(f"{_locate(chunk, str(exc))}: {exc}")
-                continue
-            if doc.get("templates"):
-                errors.append(f"{chunk.where()}: templates (?principal / ?resource) are not supported")
-                continue
-            static = list(doc.get("staticPolicies", {}).values())
-            if len(static) != 1:
-                errors.append(f"{chunk.where()}: expected one policy ending in `;`")
-                continue
-            est = static[0]
-            info, problem = _info(chunk, est)
-            if problem is None:
-                problem = _check_scope(est)
-            if problem is not None:
-                errors.append(f"{chunk.where()}: {problem}")
-                continue
-            if info.id in first_seen:
-                errors.append(f"{chunk.where()}: duplicate @id {info.id!r} (first at {first_seen[info.id]})")
-                continue
-            first_seen[info.id] = info.source
-            policies.append(info)
-            parsed.append((chunk, est))
-
+        parsed = _parse(chunks, errors)
+        warnings: _Errors = []
         if parsed:
-            result = cedarpy.validate_policies("\n".join(c.text for c, _ in parsed), schema)
-            by_policy: dict[int, list[str]] = {}
-            for err in result.errors:
-                m = _POLICY_N.match(err.policy_id)
-                by_policy.setdefault(int(m.group(1)) if m else -1, []).append(_FOR_POLICY.sub("", err.error))
-            for index, messages in sorted(by_policy.items()):
-                owner = parsed[index][0] if 0 <= index < len(parsed) else None
-                for msg in _group_by_action(messages):
-                    errors.append(f"{_locate(owner, msg) if owner else schema_path}: {msg}")
-            if by_policy and tool_args and not tool_schemas and "`args." in "".join(errors):
-                errors.append(
-                    f"{schema_path}: note: no tool input schemas were known, so ToolArgs has no attributes "
-                    "and no policy can read context.args (are the upstreams reachable?)"
+            _validate(parsed, schema, errors)
+            if args_record is not None:
+                _check_args_tests(parsed, args_record, warnings)
+            if tool_args and not tool_schemas and any("args" in e for _, e in errors + warnings):
+                note = (
+                    f"{schema_path}: note: no tool input schemas were known, so ToolArgs has no "
+                    "attributes and no policy can read context.args (are the upstreams reachable?)"
                 )
+                (errors if errors else warnings).append((len(chunks), note))
         elif not errors:
             errors.append(
-                f"{directory}: no policies (*.cedar) found; an empty policy set would deny every call, "
-                "so it is refused as a misconfiguration"
+                (
+                    0,
+                    f"{directory}: no policies (*.cedar) found; an empty policy set would deny every "
+                    "call, so it is refused as a misconfiguration",
+                )
             )
         if errors:
-            raise ConfigError("invalid policy set:\n  " + "\n  ".join(errors))
+            raise ConfigError("invalid policy set:\n  " + "\n  ".join(e for _, e in sorted(errors)))
 
-        est_by_id = {info.id: est for info, (_, est) in zip(policies, parsed, strict=True)}
         arg_types = {key: arg_types_from_input_schema(s) for key, s in tool_schemas.items()}
-        return cls(
+        engine = cls(
             version=digest.hexdigest()[:16],
-            policies=policies,
-            est=est_by_id,
+            policies=[info for _, info, _ in parsed],
+            est={info.id: est for _, info, est in parsed},
             tz=tz,
             arg_types={k: v for k, v in arg_types.items() if v},
+            warnings=[w for _, w in sorted(warnings)],
         )
+        try:
+            for key in list(tool_schemas)[: _CACHE_MAX // 4]:
+                upstream, _, tool = key.partition("/")
+                for action in ("call_tool", "list_tools"):
+                    engine._policy_set(action, upstream, tool)
+        except ValueError as exc:
+            raise ConfigError(f"invalid policy set: Cedar refused the assembled set: {exc}") from exc
+        return engine
 
     # Deciding --------------------------------------------------------------------------------
 
@@ -367,7 +335,6 @@ class PolicyEngine:
         key = (action, upstream, tool)
         found = self._sets.get(key)
         if found is not None:
-            self._sets.move_to_end(key)
             return found
         ids = tuple(
             pid
@@ -386,9 +353,9 @@ class PolicyEngine:
             if len(self._sets_by_ids) >= _CACHE_MAX:
                 self._sets_by_ids.clear()
             self._sets_by_ids[ids] = found
+        if len(self._sets) >= _CACHE_MAX:
+            self._sets.clear()
         self._sets[key] = found
-        if len(self._sets) > _CACHE_MAX:
-            self._sets.popitem(last=False)
         return found
 
     def _entities_for(
@@ -407,7 +374,6 @@ class PolicyEngine:
         )
         found = self._entities.get(key)
         if found is not None:
-            self._entities.move_to_end(key)
             return found
         attrs: dict[str, Any] = {"groups": sorted(principal.groups), "roles": sorted(principal.roles)}
         if principal.tenant is not None:
@@ -427,9 +393,9 @@ class PolicyEngine:
             },
         ]
         found = cedarpy.Entities.from_json_str(json.dumps(doc))
+        if len(self._entities) >= _CACHE_MAX:
+            self._entities.clear()
         self._entities[key] = found
-        if len(self._entities) > _CACHE_MAX:
-            self._entities.popitem(last=False)
         return found
 
     def decide(
@@ -531,6 +497,133 @@ class PolicyEngine:
         """Where a policy is written (`file:line:col`), for explaining a decision."""
         info = self._by_id.get(policy_id)
         return info.source if info else None
+
+
+_Errors = list[tuple[int, str]]
+"""Problems found while loading, keyed by the policy's position so they print in file order."""
+
+
+def _read_chunks(directory: Path, feed: Callable[[bytes], object]) -> tuple[list[_Chunk], _Errors]:
+    """Every policy's text and position, files in sorted order; each file's name and bytes go to `feed`."""
+    files = sorted(
+        (p for p in directory.rglob("*.cedar") if p.is_file()),
+        key=lambda p: p.relative_to(directory).as_posix(),
+    )
+    chunks: list[_Chunk] = []
+    errors: _Errors = []
+    for path in files:
+        rel = path.relative_to(directory).as_posix()
+        try:
+            raw = path.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append((len(chunks), f"{path}: cannot read: {exc}"))
+            continue
+        feed(b"file\x00" + rel.encode() + b"\x00" + raw + b"\x00")
+        for s, e in _split(text):
+            chunks.append(_Chunk(len(chunks), path, rel, text[s:e], s, text))
+    return chunks, errors
+
+
+def _parse(chunks: list[_Chunk], errors: _Errors) -> list[tuple[_Chunk, PolicyInfo, dict[str, Any]]]:
+    """Each chunk as exactly one static policy with sound annotations; problems go to `errors`."""
+    parsed: list[tuple[_Chunk, PolicyInfo, dict[str, Any]]] = []
+    first_seen: dict[str, str] = {}
+    for chunk in chunks:
+        try:
+            doc = json.loads(cedarpy.policies_to_json_str(chunk.text))
+        except ValueError as exc:
+            msg = str(exc)
+            if "end of input" in msg and not chunk.text.endswith(";"):
+                msg += " (is the `;` at the end of the policy missing?)"
+            errors.append((chunk.order, f"{_locate(chunk, msg)}: {msg}"))
+            continue
+        static = list(doc.get("staticPolicies", {}).values())
+        problem: str | None = None
+        if doc.get("templates"):
+            problem = "templates (?principal / ?resource) are not supported"
+        elif len(static) != 1:
+            problem = "expected one policy ending in `;`"
+        else:
+            info, problem = _info(chunk, static[0])
+            problem = problem or _check_scope(static[0])
+            if problem is None and info.id in first_seen:
+                problem = f"duplicate @id {info.id!r} (first at {first_seen[info.id]})"
+        if problem is not None:
+            errors.append((chunk.order, f"{chunk.where()}: {problem}"))
+            continue
+        first_seen[info.id] = info.source
+        parsed.append((chunk, info, static[0]))
+    return parsed
+
+
+def _validate(
+    parsed: list[tuple[_Chunk, PolicyInfo, dict[str, Any]]], schema: cedarpy.Schema, errors: _Errors
+) -> None:
+    """Schema-check all policies in one call; Cedar's positional `policyN` is the N-th chunk."""
+    result = cedarpy.validate_policies("\n".join(c.text for c, _, _ in parsed), schema)
+    by_policy: dict[int, list[str]] = {}
+    for err in result.errors:
+        m = _POLICY_N.match(err.policy_id)
+        by_policy.setdefault(int(m.group(1)) if m else -1, []).append(_FOR_POLICY.sub("", err.error))
+    for index, messages in by_policy.items():
+        owner = parsed[index][0] if 0 <= index < len(parsed) else None
+        for msg in _group_by_action(messages):
+            where = _locate(owner, msg) if owner else "policy set"
+            errors.append((owner.order if owner else -1, f"{where}: {msg}"))
+
+
+def _context_path(expr: Any) -> list[str] | None:
+    """`context.a.b` as `["a", "b"]`; None for any other expression."""
+    path: list[str] = []
+    while isinstance(expr, Mapping):
+        if expr.get("Var") == "context":
+            return path[::-1]
+        access = expr.get(".")
+        if not isinstance(access, Mapping) or not isinstance(access.get("attr"), str):
+            return None
+        path.append(access["attr"])
+        expr = access.get("left")
+    return None
+
+
+def _has_tests(node: Any) -> Iterable[tuple[list[str], str]]:
+    if isinstance(node, Mapping):
+        test = node.get("has")
+        if isinstance(test, Mapping) and isinstance(test.get("attr"), str):
+            path = _context_path(test.get("left"))
+            if path is not None:
+                yield path, test["attr"]
+        for value in node.values():
+            yield from _has_tests(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _has_tests(value)
+
+
+def _check_args_tests(
+    parsed: list[tuple[_Chunk, PolicyInfo, dict[str, Any]]], args: dict[str, CedarType], warnings: _Errors
+) -> None:
+    """Warn about `context.args has x` for an `x` no known tool takes.
+
+    Cedar's validator types such a test as always false and accepts it, so a misspelt argument
+    in a forbid would silently never apply. It is a warning, not an error, because the tool
+    may belong to an upstream that was unreachable at load: the test still works at run time.
+    """
+    for chunk, _info, est in parsed:
+        for path, attr in _has_tests(est.get("conditions", [])):
+            if not path or path[0] != "args":
+                continue
+            record: CedarType | None = args
+            for name in path[1:]:
+                record = record.get(name) if isinstance(record, dict) else None
+            if isinstance(record, dict) and attr not in record:
+                where = ".".join(["context", *path])
+                msg = (
+                    f"no known tool takes an argument `{attr}`, so `{where} has {attr}` can only "
+                    "be true for tools whose schema was not known (is the name misspelt?)"
+                )
+                warnings.append((chunk.order, f"{_locate(chunk, msg)}: {msg}"))
 
 
 def _info(chunk: _Chunk, est: Mapping[str, Any]) -> tuple[PolicyInfo, str | None]:

@@ -50,7 +50,8 @@ class Reply:
 
     @property
     def is_sse(self) -> bool:
-        return self.response.headers.get("content-type", "").startswith("text/event-stream")
+        content_type: str = self.response.headers.get("content-type", "")
+        return content_type.startswith("text/event-stream")
 
     async def body(self) -> bytes:
         try:
