@@ -66,6 +66,8 @@ class Gateway:
         await self.auth.start()
         schemas = await self._discover_tools()
         self.policy = PolicyEngine.load(cfg.policy, schemas)
+        for warning in self.policy.warnings:
+            log.warning("policy: %s", warning)
         metrics.POLICY_VERSION.labels(self.policy.version).set(1)
         try:
             self.store = await AuditStore.open(cfg.audit.url)

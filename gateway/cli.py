@@ -91,8 +91,14 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     policy = cfg.policy if cfg else config_mod.PolicyConfig()
     if args.dir:
         policy = policy.model_copy(update={"dir": Path(args.dir), "schema_file": None})
-    engine = PolicyEngine.load(policy)
-    print(f"ok: policy set {engine.version} in {policy.dir}")
+    try:
+        engine = PolicyEngine.load(policy)
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 1
+    for warning in engine.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: policy set {engine.version} in {policy.dir} ({len(engine.policies)} policies)")
     return 0
 
 
@@ -141,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "mcp.server.streamable_http_manager"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -143,7 +143,9 @@ class MCPFront:
             meta = (
                 f"{self.base_url}/.well-known/oauth-protected-resource/mcp/{request.path_params['upstream']}"
             )
-            response.headers["www-authenticate"] = self.auth.www_authenticate(meta, err)
+            # RFC 6750 §3.1: a request that carried no credential gets the challenge without an error code
+            shown = err if "authorization" in request.headers else None
+            response.headers["www-authenticate"] = self.auth.www_authenticate(meta, shown)
         except BastionError as err:
             response = self._error(err, msg_id)
         metrics.REQUESTS.labels(request.method, str(response.status_code)).inc()
