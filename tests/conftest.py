@@ -60,8 +60,11 @@ class LegacyOnly:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.seen_methods: list[str] = []
+        self.seen_headers: list[dict[bytes, bytes]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.seen_headers.append(dict(scope["headers"]))
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return

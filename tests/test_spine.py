@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import httpx2
@@ -428,3 +429,21 @@ async def test_audit_store_reopens(gateway: tuple[str, Gateway]) -> None:
         assert await store.count() > 0
     finally:
         await store.close()
+
+
+async def test_client_token_never_reaches_the_upstream(
+    gateway: tuple[str, Gateway], token: Callable[..., str], legacy_upstream: tuple[str, Any]
+) -> None:
+    base, _ = gateway
+    _, wrapper = legacy_upstream
+    before = len(wrapper.seen_headers)
+    for mode in MODES:
+        async with mcp_client(f"{base}/mcp/legacy", token(upstream="legacy"), mode) as client:
+            await client.call_tool("echo", {"text": "secret-free"})
+    seen = wrapper.seen_headers[before:]
+    assert seen, "the upstream saw the calls"
+    for headers in seen:
+        assert b"authorization" not in headers
+        assert headers[b"host"].decode() == urlsplit(legacy_upstream[0]).netloc, (
+            "Host is rewritten for the upstream"
+        )
