@@ -64,7 +64,8 @@ def test_bad_policy_stops_start_up_with_file_and_line(tmp_path: Path) -> None:
     policies.mkdir()
     (policies / "schema.cedarschema").write_text((REPO / "policies" / "schema.cedarschema").read_text())
     (policies / "bad.cedar").write_text(
-        '@id("ok")\npermit(principal, action, resource);\n\n@id("bad")\npermit(principal, action, resource) when { context.nope };\n'
+        '@id("ok")\npermit(principal, action, resource);\n\n'
+        '@id("bad")\npermit(principal, action, resource) when { context.nope };\n'
     )
     cfg = tmp_path / "bastion.yaml"
     cfg.write_text(
