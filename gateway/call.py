@@ -36,6 +36,8 @@ class Principal:
     email: str | None = None
     agent: str | None = None
     delegation_chain: tuple[str, ...] = ()
+    scopes: frozenset[str] = frozenset()
+    """Effective OAuth scopes: a delegate never holds more than its delegator."""
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property

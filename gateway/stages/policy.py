@@ -418,7 +418,12 @@ class PolicyEngine:
         chain = list(principal.delegation_chain)
         context: dict[str, Any] = {
             "args": clean,
-            "agent": {"id": principal.agent or "", "chain": chain, "depth": len(chain)},
+            "agent": {
+                "id": principal.agent or "",
+                "chain": chain,
+                "depth": len(chain),
+                "scopes": sorted(principal.scopes),
+            },
             "risk": settings.risk,
             "time": {"hour": local.hour, "weekday": local.isoweekday()},
             "pii": [],
