@@ -8,12 +8,17 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: `seq` (the record's place in its instance's chain), `prev_hash`/`hash` filled, `pending` status."""
+
+PENDING = "pending"
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,6 +46,7 @@ class AuditRecord:
     pii: dict[str, Any]
     outcome: dict[str, Any]
     result_sha256: str | None
+    seq: int | None = None
     prev_hash: str | None = None
     hash: str | None = None
 
@@ -78,7 +84,9 @@ class AuditRecord:
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
 _FIELD_SET = frozenset(_FIELDS)
-_REQUIRED = tuple(n for n in _FIELDS if n not in {"schema_version", "delegation_chain", "prev_hash", "hash"})
+_REQUIRED = tuple(
+    n for n in _FIELDS if n not in {"schema_version", "delegation_chain", "seq", "prev_hash", "hash"}
+)
 
 
 def format_ts(ts: datetime) -> str:
@@ -124,7 +132,7 @@ def _encode(obj: Any, out: list[str]) -> None:
     elif obj is False:
         out.append("false")
     elif isinstance(obj, str):
-        out.append(json.dumps(obj, ensure_ascii=False))
+        out.append(_quote(obj))
     elif isinstance(obj, int):
         out.append(str(int(obj)))
     elif isinstance(obj, float):
@@ -134,10 +142,10 @@ def _encode(obj: Any, out: list[str]) -> None:
             if not isinstance(key, str):
                 raise TypeError(f"canonical JSON needs string keys, got {type(key).__name__}")
         out.append("{")
-        for i, key in enumerate(sorted(obj, key=lambda k: k.encode("utf-16-be"))):
+        for i, key in enumerate(sorted(obj, key=_utf16) if any(_astral(k) for k in obj) else sorted(obj)):
             if i:
                 out.append(",")
-            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(_quote(key))
             out.append(":")
             _encode(obj[key], out)
         out.append("}")
@@ -150,6 +158,18 @@ def _encode(obj: Any, out: list[str]) -> None:
         out.append("]")
     else:
         raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+_quote: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _astral(key: str) -> bool:
+    """Code point order equals UTF-16 order unless a key holds a character beyond U+FFFF."""
+    return bool(key) and max(key) > "\uffff"
+
+
+def _utf16(key: str) -> bytes:
+    return key.encode("utf-16-be")
 
 
 def _es_number(value: float) -> str:

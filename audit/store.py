@@ -6,10 +6,12 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Dialect,
@@ -19,19 +21,25 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    delete,
     event,
     func,
     inspect,
     select,
     tuple_,
+    update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
-from audit.record import AuditRecord
+from audit import migrations
+from audit.chain import GENESIS, Head
+from audit.checkpoint import Checkpoint
+from audit.record import PENDING, AuditRecord
 
 
 class AuditStoreError(Exception):
@@ -84,11 +92,27 @@ audit_records = Table(
     Column("prev_hash", String(128)),
     Column("hash", String(128)),
     Column("record", Text, nullable=False),
+    Column("seq", BigInteger),
     Index("ix_audit_records_ts_id", "ts", "id"),
     Index("ix_audit_records_user_ts", "user", "ts", "id"),
     Index("ix_audit_records_tool_ts", "tool", "ts", "id"),
     Index("ix_audit_records_effect_ts", "effect", "ts", "id"),
     Index("ix_audit_records_status_ts", "status", "ts", "id"),
+    Index("ux_audit_records_instance_seq", "instance", "seq", unique=True),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("instance", String(255), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(128), nullable=False),
+    Column("ts", UTCDateTime(), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", String(256), nullable=False),
+    Index("ix_audit_checkpoints_instance_seq", "instance", "seq"),
 )
 
 
@@ -129,8 +153,64 @@ def _row(record: AuditRecord) -> dict[str, Any]:
         "status": record.status,
         "prev_hash": record.prev_hash,
         "hash": record.hash,
+        "seq": record.seq,
         "record": json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False),
     }
+
+
+def _checkpoint_row(cp: Checkpoint) -> dict[str, Any]:
+    return {
+        "instance": cp.instance,
+        "seq": cp.seq,
+        "hash": cp.hash,
+        "ts": cp.ts,
+        "kind": cp.kind,
+        "key_id": cp.key_id,
+        "signature": cp.signature,
+    }
+
+
+def _conditions(filters: RecordFilters) -> list[ColumnElement[bool]]:
+    t = audit_records.c
+    conds: list[ColumnElement[bool]] = []
+    if (since := filters.get("since")) is not None:
+        conds.append(t.ts >= as_utc(since))
+    if (until := filters.get("until")) is not None:
+        conds.append(t.ts < as_utc(until))
+    for col, key in ((t.user, "user"), (t.tool, "tool"), (t.effect, "effect"), (t.status, "status")):
+        value = filters.get(key)
+        if value is not None:
+            conds.append(col == value)
+    return conds
+
+
+def _schema_problem(conn: Connection) -> str | None:
+    """Why a reader cannot use this database as it is, or None."""
+    if not inspect(conn).has_table(audit_records.name):
+        return f"has no {audit_records.name} table"
+    have, want = migrations.current(conn), migrations.head()
+    if have != want:
+        return (
+            f"has audit schema revision {have or 'none'}, this version needs {want}: "
+            "run `bastion audit migrate` (or start Bastion once) to upgrade it"
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRow:
+    """One chained row as stored: the indexed copies and the record document text."""
+
+    id: str
+    seq: int
+    ts: datetime
+    user: str | None
+    tool: str
+    effect: str | None
+    status: str | None
+    prev_hash: str | None
+    hash: str | None
+    record: str
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -151,10 +231,12 @@ class AuditStore:
 
     @classmethod
     async def open(cls, url: str, *, create: bool = True) -> AuditStore:
-        """Connect and create the table if missing. SQLite runs in WAL with synchronous=FULL.
+        """Connect and migrate the schema to the newest revision (Alembic). SQLite runs in WAL
+        with synchronous=FULL.
 
-        With `create=False` (readers such as export) a missing database or table is an error,
-        so a mistyped URL is not mistaken for an empty audit trail.
+        With `create=False` (readers such as export and verify) nothing is changed: a missing
+        database or table is an error, so a mistyped URL is not mistaken for an empty audit
+        trail, and an older schema asks to be migrated first.
         """
         where = safe_url(url)
         try:
@@ -169,18 +251,22 @@ class AuditStore:
                 raise AuditStoreError(f"audit store {where}: no such database file")
             event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         store = cls(engine, url)
+        problem: str | None = None
         try:
             async with engine.begin() as conn:
                 if create:
-                    await conn.run_sync(metadata.create_all)
-                    return store
-                exists = await conn.run_sync(lambda c: inspect(c).has_table(audit_records.name))
+                    await conn.run_sync(migrations.upgrade)
+                else:
+                    problem = await conn.run_sync(_schema_problem)
         except _DB_ERRORS as exc:
             await engine.dispose()
             raise store._error("open", exc) from exc
-        if not exists:
+        except Exception as exc:  # Alembic raises its own and plain errors for a broken version table
             await engine.dispose()
-            raise AuditStoreError(f"audit store {where} has no {audit_records.name} table")
+            raise AuditStoreError(f"audit store {where}: migration failed: {exc}") from exc
+        if problem is not None:
+            await engine.dispose()
+            raise AuditStoreError(f"audit store {where} {problem}")
         return store
 
     @property
@@ -200,34 +286,234 @@ class AuditStore:
         except _DB_ERRORS as exc:
             raise self._error(f"writing {len(rows)} record(s)", exc) from exc
 
-    async def iter_records(
+    async def apply(
         self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        user: str | None = None,
-        tool: str | None = None,
-        effect: str | None = None,
-        status: str | None = None,
-        batch: int = 1000,
-    ) -> AsyncIterator[AuditRecord]:
+        inserts: Sequence[AuditRecord] = (),
+        completions: Sequence[AuditRecord] = (),
+        checkpoints: Sequence[Checkpoint] = (),
+    ) -> None:
+        """One transaction: insert records, turn pending rows into their final records, add
+        checkpoints. A completion whose pending row is missing fails the whole transaction."""
+        try:
+            async with self.engine.begin() as conn:
+                if inserts:
+                    await conn.execute(audit_records.insert(), [_row(r) for r in inserts])
+                if completions:
+                    await self._complete(conn, completions)
+                if checkpoints:
+                    await conn.execute(audit_checkpoints.insert(), [_checkpoint_row(c) for c in checkpoints])
+        except _DB_ERRORS as exc:
+            n = len(inserts) + len(completions)
+            raise self._error(f"writing {n} record(s)", exc) from exc
+
+    async def _complete(self, conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
+        t = audit_records.c
+        stmt = (
+            update(audit_records)
+            .where(t.id == bindparam("b_id"), t.status == PENDING)
+            .values(
+                effect=bindparam("effect"),
+                status=bindparam("status"),
+                seq=bindparam("seq"),
+                prev_hash=bindparam("prev_hash"),
+                hash=bindparam("hash"),
+                record=bindparam("record"),
+            )
+        )
+        params = []
+        for r in records:
+            row = _row(r)
+            params.append(
+                {
+                    "b_id": r.id,
+                    **{k: row[k] for k in ("effect", "status", "seq", "prev_hash", "hash", "record")},
+                }
+            )
+        result = await conn.execute(stmt, params)
+        if result.rowcount >= 0 and result.rowcount != len(params):
+            missing = len(params) - result.rowcount
+            raise AuditStoreError(f"{missing} of {len(params)} completed record(s) had no pending row")
+
+    async def chain_head(self, instance: str) -> tuple[Head, int]:
+        """The last chained record of `instance` and the seq of its newest checkpoint (0: none)."""
+        t, c = audit_records.c, audit_checkpoints.c
+        try:
+            async with self.engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        select(t.seq, t.hash)
+                        .where(t.instance == instance, t.seq.is_not(None))
+                        .order_by(t.seq.desc())
+                        .limit(1)
+                    )
+                ).first()
+                cp = (
+                    await conn.execute(select(func.max(c.seq)).where(c.instance == instance))
+                ).scalar_one_or_none()
+        except _DB_ERRORS as exc:
+            raise self._error("reading the chain head", exc) from exc
+        head = GENESIS if row is None else Head(int(row.seq), row.hash)
+        return head, int(cp or 0)
+
+    async def pending(self, instance: str) -> list[AuditRecord]:
+        """Records of `instance` still waiting for their outcome (after a crash: interrupted)."""
+        t = audit_records.c
+        query = select(t.record).where(t.instance == instance, t.status == PENDING).order_by(t.ts, t.id)
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except _DB_ERRORS as exc:
+            raise self._error("reading pending records", exc) from exc
+        return [AuditRecord.from_json(json.loads(r.record)) for r in rows]
+
+    async def instances(self) -> list[str]:
+        """Every instance that has records or checkpoints."""
+        t, c = audit_records.c, audit_checkpoints.c
+        try:
+            async with self.engine.connect() as conn:
+                a = (await conn.execute(select(t.instance).distinct())).scalars().all()
+                b = (await conn.execute(select(c.instance).distinct())).scalars().all()
+        except _DB_ERRORS as exc:
+            raise self._error("listing instances", exc) from exc
+        return sorted({*a, *b})
+
+    async def checkpoints(self, instance: str | None = None) -> list[Checkpoint]:
+        """Checkpoints in the order they were written (one per thousands of records: few)."""
+        c = audit_checkpoints.c
+        query = select(audit_checkpoints).order_by(c.id)
+        if instance is not None:
+            query = query.where(c.instance == instance)
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except _DB_ERRORS as exc:
+            raise self._error("reading checkpoints", exc) from exc
+        return [
+            Checkpoint(
+                instance=r.instance,
+                seq=int(r.seq),
+                hash=r.hash,
+                ts=r.ts,
+                kind=r.kind,
+                key_id=r.key_id,
+                signature=r.signature,
+            )
+            for r in rows
+        ]
+
+    async def iter_chain(self, instance: str, batch: int = 1000) -> AsyncIterator[ChainRow]:
+        """The chained rows of `instance` in `seq` order, `batch` per query (constant memory)."""
+        t = audit_records.c
+        cols = (t.id, t.seq, t.ts, t.user, t.tool, t.effect, t.status, t.prev_hash, t.hash, t.record)
+        base = select(*cols).where(t.instance == instance, t.seq.is_not(None)).order_by(t.seq).limit(batch)
+        last = -1
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    rows = (await conn.execute(base.where(t.seq > last))).all()
+            except _DB_ERRORS as exc:
+                raise self._error("reading the chain", exc) from exc
+            for row in rows:
+                yield ChainRow(
+                    row.id, int(row.seq), row.ts, row.user, row.tool, row.effect, row.status,
+                    row.prev_hash, row.hash, row.record,
+                )  # fmt: skip
+            if len(rows) < batch:
+                return
+            last = int(rows[-1].seq)
+
+    async def unchained(self, limit: int = 100) -> tuple[list[tuple[str, str, str | None, int]], int]:
+        """Final rows outside every chain, (id, instance, status, schema_version) of the first
+        `limit`, and how many rows are pending."""
+        t = audit_records.c
+        try:
+            async with self.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        select(t.id, t.instance, t.status, t.schema_version)
+                        .where(t.seq.is_(None), t.status != PENDING)
+                        .order_by(t.ts, t.id)
+                        .limit(limit)
+                    )
+                ).all()
+                pending = (await conn.execute(select(func.count()).where(t.status == PENDING))).scalar_one()
+        except _DB_ERRORS as exc:
+            raise self._error("reading unchained records", exc) from exc
+        return [(r.id, r.instance, r.status, int(r.schema_version)) for r in rows], int(pending)
+
+    async def purge_prefix(self, instance: str, upto_seq: int, anchor: Checkpoint | None) -> int:
+        """Delete `instance`'s chained records with seq <= `upto_seq`, after writing `anchor`
+        (the signed checkpoint at `upto_seq`), in one transaction."""
+        t = audit_records.c
+        try:
+            async with self.engine.begin() as conn:
+                if anchor is not None:
+                    await conn.execute(audit_checkpoints.insert(), [_checkpoint_row(anchor)])
+                result = await conn.execute(
+                    delete(audit_records).where(t.instance == instance, t.seq <= upto_seq)
+                )
+        except _DB_ERRORS as exc:
+            raise self._error("purging records", exc) from exc
+        return int(result.rowcount)
+
+    async def purge_unchained(self, before: datetime) -> int:
+        """Delete completed records older than `before` that were never chained (schema version 1)."""
+        t = audit_records.c
+        try:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(
+                    delete(audit_records).where(t.seq.is_(None), t.status != PENDING, t.ts < as_utc(before))
+                )
+        except _DB_ERRORS as exc:
+            raise self._error("purging records", exc) from exc
+        return int(result.rowcount)
+
+    async def first_kept_seq(self, instance: str, before: datetime) -> int | None:
+        """The lowest seq of `instance` whose record is not older than `before` (None: all are)."""
+        t = audit_records.c
+        query = select(func.min(t.seq)).where(
+            t.instance == instance, t.seq.is_not(None), t.ts >= as_utc(before)
+        )
+        try:
+            async with self.engine.connect() as conn:
+                value = (await conn.execute(query)).scalar_one_or_none()
+        except _DB_ERRORS as exc:
+            raise self._error("finding the purge point", exc) from exc
+        return None if value is None else int(value)
+
+    async def record_at(self, instance: str, seq: int) -> tuple[str, str | None] | None:
+        """(id, hash) of the record at `seq` in `instance`'s chain."""
+        t = audit_records.c
+        try:
+            async with self.engine.connect() as conn:
+                row = (
+                    await conn.execute(select(t.id, t.hash).where(t.instance == instance, t.seq == seq))
+                ).first()
+        except _DB_ERRORS as exc:
+            raise self._error("reading a record", exc) from exc
+        return None if row is None else (row.id, row.hash)
+
+    async def iter_raw(self, **filters: Unpack[RecordFilters]) -> AsyncIterator[str]:
+        """The stored JSON text of each record in (ts, id) order: what was hashed, byte for byte."""
+        async for row in self._pages(filters):
+            yield row.record
+
+    async def iter_records(self, **filters: Unpack[RecordFilters]) -> AsyncIterator[AuditRecord]:
         """Records in (ts, id) order, `batch` rows per query (keyset pagination).
 
         Memory stays constant, and no connection or transaction is held between pages, so a
         slow or abandoned consumer never pins a database snapshot. Every record committed
         before the call started is included.
         """
+        async for row in self._pages(filters):
+            yield AuditRecord.from_json(json.loads(row.record))
+
+    async def _pages(self, filters: RecordFilters) -> AsyncIterator[Any]:
+        batch = filters.get("batch", 1000)
         if batch < 1:
             raise ValueError("batch must be at least 1")
         t = audit_records.c
-        conds: list[ColumnElement[bool]] = []
-        if since is not None:
-            conds.append(t.ts >= as_utc(since))
-        if until is not None:
-            conds.append(t.ts < as_utc(until))
-        for col, value in ((t.user, user), (t.tool, tool), (t.effect, effect), (t.status, status)):
-            if value is not None:
-                conds.append(col == value)
+        conds = _conditions(filters)
         base = select(t.ts, t.id, t.record).order_by(t.ts, t.id).limit(batch)
         last: tuple[datetime, str] | None = None
         while True:
@@ -240,15 +526,16 @@ class AuditStore:
             except _DB_ERRORS as exc:
                 raise self._error("reading records", exc) from exc
             for row in rows:
-                yield AuditRecord.from_json(json.loads(row.record))
+                yield row
             if len(rows) < batch:
                 return
             last = (rows[-1].ts, rows[-1].id)
 
-    async def count(self) -> int:
+    async def count(self, **filters: Unpack[RecordFilters]) -> int:
+        query = select(func.count()).select_from(audit_records).where(*_conditions(filters))
         try:
             async with self.engine.connect() as conn:
-                return int((await conn.execute(select(func.count()).select_from(audit_records))).scalar_one())
+                return int((await conn.execute(query)).scalar_one())
         except _DB_ERRORS as exc:
             raise self._error("counting records", exc) from exc
 

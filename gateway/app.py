@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import threading
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from audit.checkpoint import CheckpointSigner, SigningKeyError, load_or_create_signing_key
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
@@ -28,10 +32,19 @@ from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.mcp import MCPFront
 from gateway.fronts.sessions import SessionSigner, load_or_create_secret
-from gateway.pipeline import Pipeline, PolicyStage
+from gateway.health import readiness
+from gateway.pipeline import Pipeline, PolicyStage, Stage
+from gateway.policy_reload import PolicyWatcher
+from gateway.stages.budget import BudgetStage
 from gateway.stages.identity import Authenticator
 from gateway.stages.policy import PolicyEngine
+from gateway.state import open_state
+from gateway.upstreams.base import Upstream
+from gateway.upstreams.stdio import StdioUpstream
 from gateway.upstreams.streamable_http import StreamableHTTPUpstream
+
+if TYPE_CHECKING:
+    from gateway.redaction.stage import Redactor
 
 log = logging.getLogger("bastion")
 
@@ -45,11 +58,18 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.base_url = cfg.listen.base_url
-        self.upstreams = {name: StreamableHTTPUpstream(name, u) for name, u in cfg.upstreams.items()}
-        self.auth = Authenticator(cfg.identity, self.base_url, list(cfg.upstreams))
+        self.upstreams: dict[str, Upstream] = {
+            name: StdioUpstream(name, u) if u.transport == "stdio" else StreamableHTTPUpstream(name, u)
+            for name, u in cfg.upstreams.items()
+        }
+        self.auth = Authenticator(cfg.identity, self.base_url, list(cfg.upstreams), state_url=cfg.state.url)
         self.policy: PolicyEngine | None = None
+        self.tool_schemas: dict[str, Any] = {}
+        """Upstream tool input schemas learned at start-up; policy reloads type `context.args` with them."""
+        self.policy_watcher: PolicyWatcher | None = None
         self.store: AuditStore | None = None
         self.writer: AuditWriter | None = None
+        self.state: AsyncEngine | None = None
         self._mcp: MCPFront | None = None
 
     @property
@@ -63,8 +83,14 @@ class Gateway:
         data_dir.mkdir(parents=True, exist_ok=True)
         hmac_key = load_or_create_secret(cfg.audit.hmac_key_file or data_dir / "audit-hmac.key")
         session_key = load_or_create_secret(cfg.sessions.secret_file or data_dir / "session.key")
+        redactor: Redactor | None = None
+        if cfg.redaction is not None:
+            from gateway.redaction.stage import Redactor  # imports Presidio (~1 s): only when configured
+
+            key_path = cfg.redaction.hmac_key_file or data_dir / "redaction-hmac.key"
+            redactor = Redactor(cfg.redaction, load_or_create_secret(key_path))
         await self.auth.start()
-        schemas = await self._discover_tools()
+        self.tool_schemas = schemas = await self._discover_tools()
         self.policy = PolicyEngine.load(cfg.policy, schemas)
         for warning in self.policy.warnings:
             log.warning("policy: %s", warning)
@@ -73,13 +99,37 @@ class Gateway:
             self.store = await AuditStore.open(cfg.audit.url)
         except AuditStoreError as exc:
             raise ConfigError(f"audit.url: {exc}") from exc
+        try:
+            key_file = cfg.audit.signing_key_file or data_dir / "audit-signing.key"
+            signing_key = load_or_create_signing_key(key_file)
+        except SigningKeyError as exc:
+            raise ConfigError(f"audit.signing_key_file: {exc}") from exc
         self.writer = AuditWriter(
-            self.store, batch_max=cfg.audit.batch_max, window_ms=cfg.audit.batch_window_ms
+            self.store,
+            batch_max=cfg.audit.batch_max,
+            window_ms=cfg.audit.batch_window_ms,
+            signer=CheckpointSigner(signing_key),
+            checkpoint_every=cfg.audit.checkpoint_every,
+            checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
         )
         await self.writer.start()
-        stages = [PolicyStage(self._policy, self.settings_for)]
         instance = cfg.audit.instance or socket.gethostname()
-        pipeline = Pipeline(stages, self.writer, instance=instance, hmac_key=hmac_key)
+        try:
+            if interrupted := await self.writer.recover(instance):
+                log.warning("audit: %d call(s) left pending by a previous run: interrupted", interrupted)
+        except AuditStoreError as exc:
+            raise ConfigError(f"audit.url: {exc}") from exc
+        self.state = await open_state(cfg.state.url)
+        # Policy first (cheap, in memory, most often says no), then budgets: nothing is charged
+        # for a call that policy refuses.
+        stages: list[Stage] = [PolicyStage(self._policy, self.settings_for)]
+        if cfg.budgets:
+            stages.append(BudgetStage(cfg.budgets, self.state))
+        if redactor is not None:
+            # The argument scan precedes policy: Cedar's context.pii needs its findings. The
+            # arguments themselves are transformed after every stage (Pipeline.decide).
+            stages.insert(0, redactor)
+        pipeline = Pipeline(stages, self.writer, instance=instance, hmac_key=hmac_key, redactor=redactor)
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(
             self.upstreams,
@@ -91,18 +141,34 @@ class Gateway:
             cfg.listen.allowed_origins,
         )
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
+        if cfg.policy.watch:
+            self.policy_watcher = PolicyWatcher(
+                cfg.policy, lambda: self.tool_schemas, self.install_policy, lambda: self._policy().version
+            )
+            self.policy_watcher.start()
 
     async def stop(self) -> None:
+        if self.policy_watcher is not None:
+            await self.policy_watcher.aclose()
         if self.writer is not None:
             await self.writer.close()
         if self.store is not None:
             await self.store.close()
         await self.auth.aclose()
+        if self.state is not None:
+            await self.state.dispose()
         await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))
 
     def _policy(self) -> PolicyEngine:
         assert self.policy is not None
         return self.policy
+
+    def install_policy(self, engine: PolicyEngine) -> None:
+        """Swap in a new policy set: one assignment, so every call sees the old set or the new one."""
+        old, self.policy = self.policy, engine
+        metrics.POLICY_VERSION.labels(engine.version).set(1)
+        if old is not None and old.version != engine.version:
+            metrics.POLICY_VERSION.remove(old.version)
 
     def settings_for(self, upstream: str, tool: str) -> ToolSettings:
         u = self.cfg.upstreams.get(upstream)
@@ -120,7 +186,7 @@ class Gateway:
         that reference only its arguments still evaluate at request time, failing closed.
         """
 
-        async def one(up: StreamableHTTPUpstream) -> list[dict[str, Any]]:
+        async def one(up: Upstream) -> list[dict[str, Any]]:
             try:
                 return await asyncio.wait_for(up.list_tools(), DISCOVERY_TIMEOUT_S)
             except (BastionError, TimeoutError, ValueError, KeyError) as exc:
@@ -145,23 +211,20 @@ def build_app(gw: Gateway) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        checks: dict[str, str] = {"policy": gw.policy.version if gw.policy else "not loaded"}
-        ok = gw.policy is not None
-        try:
-            assert gw.store is not None
-            await gw.store.ping()
-            checks["audit"] = "ok"
-        except (AssertionError, AuditStoreError) as exc:
-            checks["audit"] = f"unavailable: {exc}"
-            ok = False
+        ok, checks = await readiness(gw)
         if gw.writer is not None:
-            metrics.AUDIT_PENDING.set(gw.writer.pending)
-        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503)
+            metrics.AUDIT_BACKLOG.set(gw.writer.pending)
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+        if gw.policy_watcher is not None:
+            # A refused reload leaves a complete, validated set serving: readiness stays 200 (pulling
+            # every replica that saw the same bad file would turn a typo into an outage).
+            body["policy_reload"] = gw.policy_watcher.status().to_json()
+        return JSONResponse(body, 200 if ok else 503)
 
     async def prometheus(request: Request) -> Response:
         if gw.writer is not None:
-            metrics.AUDIT_PENDING.set(gw.writer.pending)
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+            metrics.AUDIT_BACKLOG.set(gw.writer.pending)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def resource_metadata(request: Request) -> Response:
         """RFC 9728 protected-resource metadata, per upstream resource URI (MCP authorization)."""
@@ -169,10 +232,13 @@ def build_app(gw: Gateway) -> Starlette:
         if upstream is not None and upstream not in gw.upstreams:
             return JSONResponse({"error": "not_found", "message": "no such upstream"}, 404)
         resource = f"{gw.base_url}/mcp/{upstream}" if upstream else gw.base_url
+        covered = [gw.cfg.upstreams[upstream]] if upstream else list(gw.cfg.upstreams.values())
+        scopes = {*gw.cfg.identity.scopes_supported, *(s for u in covered for s in u.required_scopes)}
         return JSONResponse(
             {
                 "resource": resource,
                 "authorization_servers": [i.issuer for i in gw.cfg.identity.issuers],
+                "scopes_supported": sorted(scopes),
                 "bearer_methods_supported": ["header"],
                 "resource_name": f"Bastion: {upstream}" if upstream else "Bastion",
             }
@@ -210,6 +276,7 @@ def server_for(
         lifespan=lifespan,
         access_log=False,
         log_level=log_level,
+        log_config=None,
         http="httptools",
         server_header=False,
         timeout_graceful_shutdown=3,
@@ -217,12 +284,28 @@ def server_for(
     return uvicorn.Server(config)
 
 
+def hold_stop_signals() -> dict[int, Any]:
+    """Keep SIGTERM/SIGINT from ending the process before `Gateway.stop()` has run.
+
+    uvicorn shuts down gracefully on these, then re-raises the signal to the handler that was
+    installed before it started: with the default one the process would die right there,
+    without flushing the audit writer or signing its final checkpoint.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 async def serve(cfg: Config, sockets: Sequence[socket.socket] | None = None) -> None:
     """Start the gateway, serve until stopped, then flush the audit trail and close clients."""
     gw = Gateway(cfg)
+    held = hold_stop_signals()
     try:
         await gw.start()
         sock = sockets[0] if sockets else bind(cfg.listen.host, cfg.listen.port)
         await server_for(build_app(gw), sock, "info").serve(sockets=[sock])
     finally:
         await gw.stop()
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        metrics.process_exited()

@@ -65,6 +65,8 @@ class Decision:
     reasons: tuple[Reason, ...] = ()
     stage: str = "policy"
     policy_version: str | None = None
+    retry_after_s: int | None = None
+    """Set when waiting helps (a budget window resets): HTTP fronts send it as `Retry-After`."""
 
     @property
     def allowed(self) -> bool:
@@ -106,6 +108,21 @@ class ToolCall:
     call_id: str | None = None
     trace_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     audit_id: str = field(default_factory=new_id)
+    dry_run: bool = False
+    """Decide only (`bastion explain`): stages must not consume anything (budgets peek instead)."""
+    budget: dict[str, Any] | None = None
+    """What the budget stage charged (or which budget was exceeded), for the audit record."""
+    pii_input: dict[str, int] = field(default_factory=dict)
+    """Entity types found in the arguments, with counts: Cedar's `context.pii` and the audit's pii.input."""
+    pii_output: dict[str, int] = field(default_factory=dict)
+    pii_unscanned: dict[str, int] = field(default_factory=dict)
+    """Bytes per direction (input, output) beyond redaction.scan_limit_bytes that were not scanned."""
+    redacted_args: dict[str, Any] | None = None
+    """The arguments as the audit stores them (findings replaced); None when no scan ran."""
+    forward_args: dict[str, Any] | None = None
+    """The arguments to forward when redaction changed them; None: forward `arguments`."""
+    redaction: Any = None
+    """The redaction stage's argument scan, kept from before policy to the transformation after it."""
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
 

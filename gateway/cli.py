@@ -11,9 +11,11 @@ import asyncio
 import logging
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
+from audit import cli as audit_cli
+from audit.cli import AuditSettings
+from gateway import budgets_cli, keys_cli, logs, policy_cli
 from gateway import config as config_mod
 from gateway.config import Config
 from gateway.errors import ConfigError
@@ -35,6 +37,13 @@ def _load(arg: str | None) -> Config | None:
     return None if path == DEMO else config_mod.load(Path(path))
 
 
+def load_or_demo(arg: str | None) -> Config:
+    """The config named by `--config` (or its defaults), with the demo's when none is found."""
+    from gateway.demo import demo_config
+
+    return _load(arg) or demo_config(0, "http://127.0.0.1:0/mcp", Path(".bastion"))
+
+
 def _run(coro: object) -> None:
     try:
         import uvloop
@@ -52,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg is None:
         _run(run_demo(int(os.environ.get("BASTION_PORT", "8080"))))
     else:
+        logs.setup(cfg.logging.level, cfg.logging.format)
         _run(serve(cfg))
     return 0
 
@@ -63,50 +73,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit_export(args: argparse.Namespace) -> int:
-    from audit.export import run_export
-    from gateway.demo import demo_config
-
-    cfg = _load(args.config) or demo_config(0, "http://127.0.0.1:0/mcp", Path(".bastion"))
-    count = run_export(
-        cfg.audit.url,
-        args.format,
-        args.output,
-        since=args.since,
-        until=args.until,
-        user=args.user,
-        tool=args.tool,
-        effect=args.effect,
-        status=args.status,
-    )
-    if args.output:
-        print(f"exported {count} records to {args.output}", file=sys.stderr)
-    return 0
-
-
-def cmd_policy_validate(args: argparse.Namespace) -> int:
-    from gateway.stages.policy import PolicyEngine
-
-    cfg = _load(args.config)
-    policy = cfg.policy if cfg else config_mod.PolicyConfig()
-    if args.dir:
-        policy = policy.model_copy(update={"dir": Path(args.dir), "schema_file": None})
-    try:
-        engine = PolicyEngine.load(policy)
-    except ConfigError as err:
-        print(err.message, file=sys.stderr)
-        return 1
-    for warning in engine.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"ok: policy set {engine.version} in {policy.dir} ({len(engine.policies)} policies)")
-    return 0
-
-
-def _timestamp(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+def _audit_settings(arg: str | None) -> AuditSettings:
+    cfg = _load(arg) or load_or_demo(arg)  # the demo's config (and its imports) only when needed
+    key = cfg.audit.signing_key_file or cfg.data_dir / "audit-signing.key"
+    return AuditSettings(cfg.audit.url, key, cfg.audit.retention_days)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,22 +95,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.set_defaults(func=cmd_demo)
 
-    a = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
-    e = a.add_parser("export", parents=[common], help="export audit records")
-    e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "ocsf"])
-    e.add_argument("-o", "--output", help="file to write (default: stdout)")
-    e.add_argument("--since", type=_timestamp)
-    e.add_argument("--until", type=_timestamp)
-    e.add_argument("--user")
-    e.add_argument("--tool", help="UPSTREAM/TOOL or TOOL")
-    e.add_argument("--effect", choices=["allow", "deny", "transform", "approval_required"])
-    e.add_argument("--status")
-    e.set_defaults(func=cmd_audit_export)
+    audit_cli.register(sub, common, _audit_settings)
 
-    pol = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
-    v = pol.add_parser("validate", parents=[common], help="parse and schema-validate every policy")
-    v.add_argument("dir", nargs="?")
-    v.set_defaults(func=cmd_policy_validate)
+    policy_cli.register(sub, common)
+
+    budgets_cli.register(sub, common)
+    keys_cli.register(sub, common)
     return p
 
 

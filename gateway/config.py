@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,6 +54,8 @@ class IssuerConfig(_Strict):
         "ES256",
     ]
     jwks_ttl_s: float = Field(300, gt=0)
+    jwks_stale_s: float = Field(3600, ge=0)
+    """How long past jwks_ttl_s the last good keys still serve while the issuer cannot be reached."""
 
     @model_validator(mode="after")
     def _one_key_source(self) -> IssuerConfig:
@@ -72,11 +75,30 @@ class ClaimsConfig(_Strict):
     email: str = "email"
 
 
+class ApiKeyConfig(_Strict):
+    """An API key for a service agent, kept in config as a hash (see `bastion keys create --config-entry`)."""
+
+    prefix: Annotated[str, Field(pattern=r"^[a-z0-9]{8,32}$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    sub: Annotated[str, Field(min_length=1)]
+    groups: list[str] = []
+    roles: list[str] = []
+    tenant: str | None = None
+    email: str | None = None
+    scopes: list[str] = []
+    expires: datetime | None = None
+
+
 class IdentityConfig(_Strict):
     issuers: list[IssuerConfig] = []
     leeway_s: float = Field(30, ge=0, le=300)
     max_token_bytes: int = Field(16384, gt=0)
     claims: ClaimsConfig = ClaimsConfig()
+    max_delegation_depth: int = Field(4, ge=0, le=32)
+    """Most actors allowed in a token's nested `act` chain; deeper tokens are refused."""
+    scopes_supported: list[str] = []
+    """Scopes listed in the RFC 9728 metadata, besides every upstream's required_scopes."""
+    api_keys: list[ApiKeyConfig] = []
 
 
 class PolicyConfig(_Strict):
@@ -84,7 +106,13 @@ class PolicyConfig(_Strict):
     schema_file: Path | None = Field(None, alias="schema")
     """Default: <dir>/schema.cedarschema."""
     watch: bool = False
+    """Reload the set when its files change (see docs/policy.md); a bad set keeps the old one."""
+    watch_interval_s: float = Field(2.0, gt=0, le=3600)
     timezone: str = "UTC"
+    entities: Path | None = None
+    """Group/role hierarchy (Cedar entities JSON). Default: <dir>/entities.json when it exists."""
+    exclude: list[str] = ["examples", "tests"]
+    """Paths under dir (fnmatch patterns) whose *.cedar files are not part of the set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -92,10 +120,35 @@ class PolicyConfig(_Strict):
     def schema_path(self) -> Path:
         return self.schema_file or self.dir / "schema.cedarschema"
 
+    @property
+    def entities_path(self) -> Path | None:
+        if self.entities is not None:
+            return self.entities
+        default = self.dir / "entities.json"
+        return default if default.exists() else None
+
 
 class ToolSettings(_Strict):
     risk: Literal["read", "write", "external"] = "read"
     tags: list[str] = []
+
+
+class OAuthClientConfig(_Strict):
+    token_url: str
+    client_id: str
+    client_secret: str | None = None
+    """Use ${ENV}; or client_secret_file."""
+    client_secret_file: Path | None = None
+    scope: str | None = None
+    resource: str | None = None
+    """RFC 8707 resource indicator sent to the token endpoint."""
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> OAuthClientConfig:
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError("set exactly one of client_secret, client_secret_file")
+        return self
 
 
 class UpstreamConfig(_Strict):
@@ -105,6 +158,12 @@ class UpstreamConfig(_Strict):
     """Which era to speak to the upstream; auto tries server/discover, then initialize."""
     headers: dict[str, str] = {}
     """Bastion's own credential for this upstream (use ${ENV}); the client's token is never sent."""
+    bearer_token_file: Path | None = None
+    """A file holding Bastion's bearer token for this upstream, read at start-up."""
+    oauth: OAuthClientConfig | None = None
+    """OAuth 2.0 client credentials: Bastion gets (and refreshes) its own token for this upstream."""
+    required_scopes: list[str] = []
+    """Scopes a caller's token must carry to use this upstream; else 403 insufficient_scope."""
     timeout_s: float = Field(30, gt=0)
     connect_timeout_s: float = Field(5, gt=0)
     tools: dict[str, ToolSettings] = {}
@@ -112,17 +171,26 @@ class UpstreamConfig(_Strict):
     args: list[str] = []
     env: dict[str, str] = {}
     cwd: Path | None = None
+    idle_timeout_s: float | None = Field(300, gt=0)
+    """stdio: stop the process after this long without calls (started again on the next call)."""
 
     @model_validator(mode="after")
     def _transport_fields(self) -> UpstreamConfig:
         if self.transport == "streamable-http" and not self.url:
             raise ValueError("transport streamable-http needs url")
-        if self.transport != "streamable-http":
-            raise ValueError(
-                f"transport {self.transport!r} is not supported by this version of Bastion; "
-                "use streamable-http"
-            )
+        if self.oauth is not None and (self.bearer_token_file is not None or _has_auth_header(self.headers)):
+            raise ValueError("oauth excludes a static Authorization (headers, bearer_token_file)")
+        if self.bearer_token_file is not None and _has_auth_header(self.headers):
+            raise ValueError("bearer_token_file and headers.Authorization exclude each other")
+        if self.transport == "stdio" and not self.command:
+            raise ValueError("transport stdio needs command")
+        if self.transport == "http":
+            raise ValueError("transport 'http' is not supported yet; use streamable-http or stdio")
         return self
+
+
+def _has_auth_header(headers: dict[str, str]) -> bool:
+    return any(k.lower() == "authorization" for k in headers)
 
 
 class AuditConfig(_Strict):
@@ -134,10 +202,138 @@ class AuditConfig(_Strict):
     batch_max: int = Field(500, gt=0)
     batch_window_ms: float = Field(0, ge=0)
     """Extra wait for more records before a commit; 0 = records that arrive during a commit share the next."""
+    on_unavailable: Literal["deny"] = "deny"
+    """When the decision record cannot be written before forwarding, the call is denied (fail closed)."""
+    signing_key_file: Path | None = None
+    """Ed25519 PEM key that signs chain checkpoints; default: generated (0600) in data_dir."""
+    checkpoint_every: int = Field(1000, gt=0)
+    """Sign a checkpoint after this many chained records ..."""
+    checkpoint_interval_s: float = Field(10, gt=0)
+    """... or after this many seconds with new records, whichever comes first."""
+    retention_days: int | None = Field(None, gt=0)
+    """`bastion audit purge` deletes records older than this; None keeps them all."""
+
+
+_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class BudgetMatch(_Strict):
+    """Which calls a budget counts: every non-empty list must match (any of its entries)."""
+
+    tools: list[str] = []
+    """`<upstream>/<tool>`, `<upstream>/*` or `*`."""
+    upstreams: list[str] = []
+    users: list[str] = []
+    groups: list[str] = []
+    tenants: list[str] = []
+    agents: list[str] = []
+
+
+class CostTable(_Strict):
+    tools: dict[str, int] = {}
+    default: int = Field(1, ge=0)
+
+
+class BudgetRule(_Strict):
+    name: str = Field(pattern=_NAME)
+    match: BudgetMatch = BudgetMatch()
+    per: list[Literal["user", "tenant", "agent", "tool", "upstream"]] = ["user"]
+    limit: int = Field(gt=0, lt=2**62)
+    window: str
+    """`<n>s|m|h|d`: fixed windows aligned to the Unix epoch (UTC), so `1d` resets at UTC midnight."""
+    cost: int | CostTable | str = 1
+    """1 per call by default; a per-tool table; or an argument path such as `args.amount`."""
+    refund_on_upstream_failure: bool = False
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        if not _WINDOW.match(v):
+            raise ValueError("window must look like 30s, 1m, 1h, 1d or 30d")
+        return v
+
+    @field_validator("cost")
+    @classmethod
+    def _cost(cls, v: int | CostTable | str) -> int | CostTable | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("cost must be >= 0")
+        if isinstance(v, str) and not re.match(r"^args(\.[A-Za-z0-9_-]+)+$", v):
+            raise ValueError('cost must be an integer, {tools: {...}}, or an argument path ("args.amount")')
+        return v
+
+    @property
+    def window_s(self) -> int:
+        m = _WINDOW.match(self.window)
+        assert m is not None
+        return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+RedactionAction = Literal["none", "replace", "mask", "hash", "deny"]
+_ENTITY = r"^[A-Z][A-Z0-9_]{1,63}$"
+DEFAULT_REDACTION_ENTITIES = [
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "US_SSN",
+    "IBAN_CODE",
+    "IP_ADDRESS",
+    "SECRET",
+]
+
+_ENTITY_OR_ANY = Annotated[str, Field(pattern=r"^(\*|[A-Z][A-Z0-9_]{1,63})$")]
+_TOOL_KEY = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/(\*|[^/\s]{1,200})$")]
+
+DirectionRule = RedactionAction | dict[_ENTITY_OR_ANY, RedactionAction]
+"""One action for every entity type, or a mapping `ENTITY_TYPE -> action` with `*` for the rest."""
+
+
+class RedactionRule(_Strict):
+    arguments: DirectionRule | None = None
+    """Before forwarding; unset in a per-tool rule: the default's."""
+    results: DirectionRule | None = None
+
+
+class RedactionDefault(_Strict):
+    arguments: DirectionRule = "none"
+    results: DirectionRule = "replace"
+
+
+class RedactionConfig(_Strict):
+    entities: list[Annotated[str, Field(pattern=_ENTITY)]] = DEFAULT_REDACTION_ENTITIES
+    default: RedactionDefault = RedactionDefault()
+    tools: dict[_TOOL_KEY, RedactionRule] = {}
+    """Per `<upstream>/<tool>` or `<upstream>/*`; the exact tool wins over the wildcard."""
+    hmac_key_file: Path | None = None
+    """Key of the `hash` action's HMAC; default: generated in data_dir (share it between replicas)."""
+    scan_limit_bytes: int = Field(1_048_576, gt=0, le=64 * 1_048_576)
+    """Most bytes of string values scanned per message and direction."""
+    over_limit: Literal["deny", "pass"] = "deny"
+    """What happens to the part of a message beyond scan_limit_bytes."""
+    ner_model: str | None = None
+    """An installed spaCy model (e.g. en_core_web_sm) for PERSON / LOCATION; needed for those entities."""
+    phone_regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = ["US"]
+    """Regions whose national formats count as phone numbers (+<country> numbers are found anyway);
+    each region adds about 100 µs per string with digits."""
+    score_threshold: float = Field(0.4, ge=0, le=1)
+
+    @field_validator("entities")
+    @classmethod
+    def _known_entities(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one entity type (or remove redaction:)")
+        return list(dict.fromkeys(v))
 
 
 class StateConfig(_Strict):
     url: str = "sqlite+aiosqlite:///./bastion-state.db"
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """`info` logs one line per call; `warning` only problems."""
+    format: Literal["json", "text"] = "json"
+    """`json`: one JSON object per line (log shippers); `text`: for a terminal."""
 
 
 class SessionsConfig(_Strict):
@@ -150,28 +346,25 @@ class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     identity: IdentityConfig = IdentityConfig()
     policy: PolicyConfig = PolicyConfig()
-    budgets: list[dict[str, Any]] = []
-    redaction: dict[str, Any] = {}
+    budgets: list[BudgetRule] = []
+    redaction: RedactionConfig | None = None
+    """PII and secrets redaction (see docs/redaction.md); absent: off, and Presidio is never imported."""
     upstreams: dict[Annotated[str, Field(pattern=_NAME)], UpstreamConfig] = {}
     audit: AuditConfig = AuditConfig()
     state: StateConfig = StateConfig()
     sessions: SessionsConfig = SessionsConfig()
+    logging: LoggingConfig = LoggingConfig()
     data_dir: Path = Path(".bastion")
     """Where generated keys (dev signing key, session secret, audit HMAC key) are kept."""
 
     @field_validator("budgets")
     @classmethod
-    def _no_budgets_yet(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if v:
-            raise ValueError("budgets are not supported by this version of Bastion; remove them")
+    def _unique_budget_names(cls, v: list[BudgetRule]) -> list[BudgetRule]:
+        names = [b.name for b in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"budget names must be unique: {', '.join(dupes)}")
         return v
 
-    @field_validator("redaction")
-    @classmethod
-    def _no_redaction_yet(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if v:
-            raise ValueError("redaction is not supported by this version of Bastion; remove it")
-        return v
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -201,18 +394,42 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         return p if p is None or p.is_absolute() else base / p
 
     policy = cfg.policy.model_copy(
-        update={"dir": rel(cfg.policy.dir), "schema_file": rel(cfg.policy.schema_file)}
+        update={
+            "dir": rel(cfg.policy.dir),
+            "schema_file": rel(cfg.policy.schema_file),
+            "entities": rel(cfg.policy.entities),
+        }
     )
     issuers = [
         i.model_copy(update={"jwks_file": rel(i.jwks_file), "public_key_file": rel(i.public_key_file)})
         for i in cfg.identity.issuers
     ]
+    upstreams = {
+        name: u.model_copy(
+            update={
+                "bearer_token_file": rel(u.bearer_token_file),
+                "oauth": u.oauth.model_copy(update={"client_secret_file": rel(u.oauth.client_secret_file)})
+                if u.oauth
+                else None,
+            }
+        )
+        for name, u in cfg.upstreams.items()
+    }
     return cfg.model_copy(
         update={
             "policy": policy,
             "identity": cfg.identity.model_copy(update={"issuers": issuers}),
-            "audit": cfg.audit.model_copy(update={"hmac_key_file": rel(cfg.audit.hmac_key_file)}),
+            "upstreams": upstreams,
+            "audit": cfg.audit.model_copy(
+                update={
+                    "hmac_key_file": rel(cfg.audit.hmac_key_file),
+                    "signing_key_file": rel(cfg.audit.signing_key_file),
+                }
+            ),
             "sessions": cfg.sessions.model_copy(update={"secret_file": rel(cfg.sessions.secret_file)}),
+            "redaction": cfg.redaction.model_copy(update={"hmac_key_file": rel(cfg.redaction.hmac_key_file)})
+            if cfg.redaction
+            else None,
             "data_dir": rel(cfg.data_dir),
         }
     )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 
 from gateway import config as config_mod
-from gateway.app import Gateway, bind, build_app, server_for
+from gateway.app import Gateway, bind, build_app, hold_stop_signals, server_for
 from gateway.config import Config
 from gateway.devkeys import DEV_ISSUER, ensure_dev_key
 
@@ -119,6 +120,7 @@ async def run_demo(port: int, host: str = "127.0.0.1", data_dir: Path = Path(".b
     key = ensure_dev_key(data_dir)
     cfg = demo_config(port, f"http://127.0.0.1:{upstream_port}/mcp", data_dir, host)
     gw = Gateway(cfg)
+    held = hold_stop_signals()
     try:
         await gw.start()
         sock = bind(cfg.listen.host, cfg.listen.port)
@@ -129,3 +131,5 @@ async def run_demo(port: int, host: str = "127.0.0.1", data_dir: Path = Path(".b
         await gw.stop()
         upstream.should_exit = True
         await upstream_task
+        for sig, handler in held.items():
+            signal.signal(sig, handler)

@@ -3,6 +3,7 @@
     BastionError
     ├── ConfigError          bad config or policy set: stops start-up (never seen by a client)
     ├── AuthError            401, with WWW-Authenticate pointing at the RFC 9728 metadata
+    │   └── InsufficientScope 403, error="insufficient_scope" and the scope needed
     ├── ForbiddenError       403: a foreign Origin, a session presented by another principal
     ├── ProtocolError        400: not one JSON-RPC message, duplicate keys, header/body mismatch
     ├── SessionError         400 missing / 404 unknown or expired MCP session
@@ -48,6 +49,18 @@ class AuthError(BastionError):
     def __init__(self, message: str, error: str = "invalid_token") -> None:
         super().__init__(message)
         self.error = error
+
+
+class InsufficientScope(AuthError):
+    """A valid credential without a scope this resource requires (RFC 6750 §3.1)."""
+
+    code = "insufficient_scope"
+    http_status = 403
+    jsonrpc_code = -32003
+
+    def __init__(self, message: str, scope: str) -> None:
+        super().__init__(message, error="insufficient_scope")
+        self.scope = scope
 
 
 class ForbiddenError(BastionError):

@@ -1,32 +1,154 @@
-"""Prometheus metrics, defined once. Updating one costs about 2 µs, so the hot path may use them."""
+"""Prometheus metrics, defined once. Updating one costs about 2 µs, so the hot path may use them.
+
+Several worker processes: set `PROMETHEUS_MULTIPROC_DIR` to an empty directory before start-up
+(prometheus-client then keeps values in per-process files) and `/metrics` reports the sum over
+live processes (see docs/operations.md). Labels that a client controls (tool names) are bounded
+by `tool_label`, so a caller cannot grow the series count without limit.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+if TYPE_CHECKING:
+    from gateway.call import Decision
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 REQUESTS = Counter(
     "bastion_mcp_requests", "MCP HTTP requests by method and status", ["method", "status"], registry=REGISTRY
 )
 DECISIONS = Counter(
     "bastion_decisions",
-    "Tool-call decisions by effect and deciding stage",
-    ["effect", "stage"],
+    "Tool-call decisions by effect, upstream and tool",
+    ["effect", "upstream", "tool"],
     registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "bastion_stage_seconds",
+    "Time spent in each governance stage of a tool call (identity, policy, budget, ..., audit)",
+    ["stage"],
+    buckets=(0.00005, 0.0001, 0.00025, *_LATENCY_BUCKETS),
+    registry=REGISTRY,
+)
+UPSTREAM_SECONDS = Histogram(
+    "bastion_upstream_seconds",
+    "Time from forwarding a tools/call to its result, per upstream",
+    ["upstream"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "bastion_upstream_errors",
+    "Forwarded tool calls that failed at the upstream: timeout, unreachable, http, jsonrpc, stream",
+    ["upstream", "kind"],
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge(
+    "bastion_inflight_calls",
+    "Tool calls being governed or forwarded right now",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+AUDIT_BACKLOG = Gauge(
+    "bastion_audit_backlog",
+    "Audit records waiting to be committed",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+BUDGET_DENIALS = Counter(
+    "bastion_budget_denials", "Calls refused because a budget was exhausted", ["budget"], registry=REGISTRY
+)
+PII_FINDINGS = Counter(
+    "bastion_pii_findings",
+    "PII and secrets found, by entity type and direction (input: arguments, output: results)",
+    ["entity", "direction"],
+    registry=REGISTRY,
+)
+CIRCUIT_STATE = Gauge(
+    "bastion_circuit_state",
+    "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
+    ["upstream"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 AUTH_FAILURES = Counter("bastion_auth_failures", "Requests refused with 401", registry=REGISTRY)
 AUDIT_FAILURES = Counter(
     "bastion_audit_write_failures", "Audit records that could not be written", registry=REGISTRY
 )
-AUDIT_PENDING = Gauge(
-    "bastion_audit_pending", "Audit records waiting for their group commit", registry=REGISTRY
+POLICY_VERSION = Gauge(
+    "bastion_policy_info",
+    "The active policy set",
+    ["version"],
+    registry=REGISTRY,
+    multiprocess_mode="liveall",
 )
-UPSTREAM_SECONDS = Histogram(
-    "bastion_upstream_seconds",
-    "Time from forwarding a tools/call to its result, per upstream",
-    ["upstream", "outcome"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+POLICY_RELOADS = Counter("bastion_policy_reloads", "Policy sets swapped in by hot reload", registry=REGISTRY)
+POLICY_RELOAD_FAILURES = Counter(
+    "bastion_policy_reload_failures",
+    "Changed policy files refused by hot reload (the previous set kept serving)",
     registry=REGISTRY,
 )
-POLICY_VERSION = Gauge("bastion_policy_info", "The active policy set", ["version"], registry=REGISTRY)
+POLICY_RELOAD_REFUSED = Gauge(
+    "bastion_policy_reload_refused",
+    "1 while the policy files on disk are refused and an older set is serving",
+    registry=REGISTRY,
+)
+
+
+MAX_TOOL_LABELS = 1000
+OTHER = "_other"
+_tool_labels: set[tuple[str, str]] = set()
+_tool_lock = threading.Lock()
+
+
+def tool_label(upstream: str, tool: str) -> str:
+    """`tool`, or `_other` once `MAX_TOOL_LABELS` distinct tools have been seen (any name can be sent)."""
+    key = (upstream, tool)
+    if key in _tool_labels:
+        return tool
+    with _tool_lock:
+        if len(_tool_labels) >= MAX_TOOL_LABELS:
+            return OTHER
+        _tool_labels.add(key)
+    return tool
+
+
+def exposition() -> bytes:
+    """The text for `/metrics`: this process's registry, or every live worker's in multi-process mode."""
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def process_exited(pid: int | None = None) -> None:
+    """In multi-process mode, drop a stopped worker's live gauges (`inflight`, `audit_backlog`)."""
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
+
+
+def decided(upstream: str, tool: str, decision: Decision) -> None:
+    """Count a finished call's decision; a budget denial (reason `budget/<name>`) also by budget."""
+    DECISIONS.labels(decision.effect, upstream, tool_label(upstream, tool)).inc()
+    if decision.stage == "budget" and decision.effect == "deny":
+        for reason in decision.reasons:
+            if reason.policy.startswith("budget/"):
+                BUDGET_DENIALS.labels(reason.policy.removeprefix("budget/")).inc()
+
+
+def pii_found(arguments: Mapping[str, int], results: Mapping[str, int]) -> None:
+    """Count a finished call's PII findings by entity type (`input`: arguments, `output`: results)."""
+    for direction, found in (("input", arguments), ("output", results)):
+        for entity, count in found.items():
+            if count:
+                PII_FINDINGS.labels(entity, direction).inc(count)

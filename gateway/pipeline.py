@@ -1,6 +1,6 @@
 """The order in which a tool call is governed, written in one place.
 
-    front -> identity -> policy -> [budget, redaction: later stages slot in here] -> upstream
+    front -> identity -> policy -> budget -> [redaction: later stages slot in here] -> upstream
                                                                                        |
     client <- response <---------------- audit (always, allowed or not) <--------------+
 
@@ -10,9 +10,12 @@
 - Policy comes first among the stages: it is the cheapest (tens of µs, in memory) and the one
   that most often says no, so nothing costly runs for a call that will be denied.
 - A stage returns a `Decision` or `None` (no objection). The first denial ends the chain.
-- The audit record is written for every call the pipeline saw, whatever happened; the response
-  is sent only after its record is durable. If it cannot be written the caller gets an error
-  rather than an unrecorded result.
+- The audit record is written for every call the pipeline saw, whatever happened. Write-ahead:
+  an allowed call's decision is made durable as a `pending` record (`begin`) before it is
+  forwarded, and `finish` adds the outcome, so a crash in between still leaves the attempt on
+  record. If the pending record cannot be written the call is denied and never forwarded
+  (`audit.on_unavailable: deny`). The response is sent only after the final record is durable;
+  if that fails the caller gets an error rather than an unrecorded result.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from audit.record import SCHEMA_VERSION, AuditRecord, args_hmac, shape_of
+from audit.record import PENDING, SCHEMA_VERSION, AuditRecord, args_hmac, shape_of
 from audit.store import AuditStoreError
 from audit.writer import AuditWriter
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.call import Decision, Outcome, Reason, ToolCall
 from gateway.config import ToolSettings
 from gateway.errors import AuditUnavailable
 from gateway.stages.policy import PolicyEngine
+
+if TYPE_CHECKING:
+    from gateway.redaction.stage import Redactor
 
 log = logging.getLogger("bastion.pipeline")
 
@@ -62,6 +68,7 @@ class PolicyStage:
             call.tool,
             call.arguments,
             self._settings(call.upstream, call.tool),
+            pii=call.pii_input,
         )
 
 
@@ -73,8 +80,11 @@ class Pipeline:
         *,
         instance: str,
         hmac_key: bytes,
+        redactor: Redactor | None = None,
     ) -> None:
         self.stages = tuple(stages)
+        self.redactor = redactor
+        """Also one of `stages` (the argument scan, before policy); kept here for the later steps."""
         self._writer = writer
         self._instance = instance
         self._hmac_key = hmac_key
@@ -83,21 +93,28 @@ class Pipeline:
         """Run the stages in order; the first denial (or approval demand) ends the chain."""
         decision: Decision | None = None
         for stage in self.stages:
+            t0 = time.perf_counter()
             verdict = await stage(call)
+            metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - t0)
             if verdict is None:
                 continue
-            decision = verdict
-            if verdict.effect != "allow":
+            if decision is None or decision.effect != "transform" or not verdict.allowed:
+                decision = verdict  # a later allow never loosens a transform
+            if not verdict.allowed:
                 break
         if decision is None:
             return Decision.deny("pipeline", "no-stage", "no stage allowed the call")
-        if decision.effect == "transform":
-            # Redaction is not part of this build: a call that policy allows only if redacted
-            # cannot be honoured, so it is refused rather than forwarded unredacted.
+        if decision.allowed and self.redactor is not None:
+            # Arguments are transformed last, after everything that could still refuse the call.
+            decision = await self.redactor.transform(call, decision)
+            if not decision.allowed:
+                await self.refund(call)
+        elif decision.effect == "transform":
+            # A call that policy allows only if redacted is refused rather than forwarded unredacted.
             return Decision.deny(
                 decision.stage,
                 decision.reasons[0].policy if decision.reasons else "transform",
-                "policy requires redaction, which this gateway does not provide yet",
+                "policy requires redaction, but this gateway has no redaction: configured",
                 decision.policy_version,
             )
         if decision.effect == "approval_required":
@@ -109,6 +126,21 @@ class Pipeline:
             )
         return decision
 
+    async def redact_result(
+        self, call: ToolCall, decision: Decision, result: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, Decision]:
+        """The tool result to return instead (None: as is) and the decision to record for the call."""
+        if self.redactor is None:
+            return None, decision
+        return await self.redactor.redact_result(call, decision, result)
+
+    async def refund(self, call: ToolCall) -> None:
+        """The upstream could not be reached: stages that charged the call may give it back."""
+        for stage in self.stages:
+            refund = getattr(stage, "refund", None)
+            if refund is not None:
+                await refund(call)
+
     async def refuse(self, call: ToolCall, stage: str, policy: str, reason: str) -> Decision:
         """Record a call refused before the stages could run (bad credential, malformed call)."""
         decision = Decision.deny(stage, policy, reason)
@@ -119,11 +151,63 @@ class Pipeline:
     def elapsed_ms(call: ToolCall) -> float:
         return round((time.perf_counter() - call.started) * 1000, 3)
 
+    async def begin(self, call: ToolCall, decision: Decision) -> Decision:
+        """Make an allowed call's decision durable as a `pending` record before it is forwarded.
+
+        Returns `decision`, or, when the record cannot be written, a denial naming the audit
+        store: an unrecorded call is never forwarded.
+        """
+        pending = {"status": PENDING, "latency_ms": None, "upstream_status": None, "error": None}
+        t0 = time.perf_counter()
+        try:
+            await self._writer.begin(self._record(call, decision, pending, None))
+            metrics.STAGE_SECONDS.labels("audit_pending").observe(time.perf_counter() - t0)
+        except AuditStoreError as exc:
+            metrics.AUDIT_FAILURES.inc()
+            log.error("audit write-ahead failed for %s, call denied: %s", call.audit_id, exc)
+            await self.refund(call)
+            return Decision.deny(
+                "audit",
+                "audit-unavailable",
+                "the audit store is unavailable, so the call was not forwarded",
+                decision.policy_version,
+            )
+        return decision
+
     async def finish(self, call: ToolCall, decision: Decision, outcome: Outcome) -> None:
-        """Write the call's one audit record and wait until it is durable."""
-        metrics.DECISIONS.labels(decision.effect, decision.stage).inc()
+        """Record the outcome and wait until it is durable: the pending record of a forwarded
+        call is completed; any other call gets its one, final record."""
+        metrics.decided(call.upstream, call.tool, decision)
+        metrics.pii_found(call.pii_input, call.pii_output)
+        final = {
+            "status": outcome.status,
+            "latency_ms": outcome.latency_ms,
+            "upstream_status": outcome.upstream_status,
+            "error": outcome.error,
+        }
+        t0 = time.perf_counter()
+        try:
+            if self._writer.is_pending(call.audit_id):
+                # the result may have changed what is known (PII found in it, a withheld result)
+                changes = {"pii": _pii(call), "decision": decision.to_json()}
+                await self._writer.complete(call.audit_id, final, outcome.result_sha256, changes)
+            else:
+                await self._writer.write(self._record(call, decision, final, outcome.result_sha256))
+        except AuditStoreError as exc:
+            metrics.AUDIT_FAILURES.inc()
+            log.error("audit write failed for %s: %s", call.audit_id, exc)
+            if decision.stage == "audit":
+                return  # refused because the store is down: the client is told so by the denial
+            raise AuditUnavailable("the audit store is unavailable; the call is not answered") from exc
+        finally:
+            metrics.STAGE_SECONDS.labels("audit").observe(time.perf_counter() - t0)
+            logs.call_finished(call, decision, outcome)
+
+    def _record(
+        self, call: ToolCall, decision: Decision, outcome: dict[str, Any], result_sha256: str | None
+    ) -> AuditRecord:
         p = call.principal
-        record = AuditRecord(
+        return AuditRecord(
             id=call.audit_id,
             ts=call.ts,
             schema_version=SCHEMA_VERSION,
@@ -138,27 +222,22 @@ class Pipeline:
             upstream=call.upstream,
             tool=call.tool,
             action=call.action,
-            args_redacted=shape_of(call.arguments),
+            args_redacted=shape_of(call.arguments) if call.redacted_args is None else call.redacted_args,
             args_hmac=args_hmac(self._hmac_key, call.arguments),
             decision=decision.to_json(),
-            budget=None,
-            pii={"input": {}, "output": {}},
-            outcome={
-                "status": outcome.status,
-                "latency_ms": outcome.latency_ms,
-                "upstream_status": outcome.upstream_status,
-                "error": outcome.error,
-            },
-            result_sha256=outcome.result_sha256,
-            prev_hash=None,
-            hash=None,
+            budget=call.budget,
+            pii=_pii(call),
+            outcome=outcome,
+            result_sha256=result_sha256,
         )
-        try:
-            await self._writer.write(record)
-        except AuditStoreError as exc:
-            metrics.AUDIT_FAILURES.inc()
-            log.error("audit write failed for %s: %s", call.audit_id, exc)
-            raise AuditUnavailable("the audit store is unavailable; the call is not answered") from exc
+
+
+def _pii(call: ToolCall) -> dict[str, Any]:
+    """Entity types and counts per direction, never values; `unscanned` bytes when over the scan limit."""
+    pii: dict[str, Any] = {"input": call.pii_input, "output": call.pii_output}
+    if call.pii_unscanned:
+        pii["unscanned_bytes"] = call.pii_unscanned
+    return pii
 
 
 def sha256_hex(data: bytes) -> str:

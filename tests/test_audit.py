@@ -74,7 +74,8 @@ async def _drop_pg_table(url: str) -> None:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            await conn.execute(text("DROP TABLE IF EXISTS audit_records"))
+            for table in ("audit_records", "audit_checkpoints", "bastion_audit_alembic_version"):
+                await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     finally:
         await engine.dispose()
 
@@ -422,8 +423,8 @@ async def test_run_export_to_file(tmp_path: Path) -> None:
     assert n == 3
     assert [json.loads(x) for x in target.read_text().splitlines()] == [r.to_json() for r in recs[::3]]
     assert not (tmp_path / "out.jsonl.partial").exists()
-    with pytest.raises(ValueError, match="format csv is not supported yet; use jsonl"):
-        run_export(url, "csv", None, since=None, until=None, user=None, tool=None, effect=None, status=None)
+    with pytest.raises(ValueError, match="format xml is not supported; use one of jsonl, csv, ocsf"):
+        run_export(url, "xml", None, since=None, until=None, user=None, tool=None, effect=None, status=None)
     with pytest.raises(AuditStoreError):
         await asyncio.to_thread(
             run_export, f"sqlite+aiosqlite:///{tmp_path}/nope.db", "jsonl", str(tmp_path / "x.jsonl"),

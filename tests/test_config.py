@@ -39,8 +39,11 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
             {"identity": {"issuers": [{"issuer": "x", "jwks_file": "k", "algorithms": ["HS256"]}]}},
             "algorithms.0",
         ),
-        ({"budgets": [{"name": "b"}]}, "budgets: Value error, budgets are not supported"),
-        ({"upstreams": {"a": {"transport": "stdio", "command": "x"}}}, "transport 'stdio' is not supported"),
+        ({"budgets": [{"name": "b", "limit": 1, "window": "1w"}]}, "budgets.0.window: Value error, window"),
+        ({"budgets": [{"name": "b", "limit": 1, "window": "1d", "cost": "amount"}]}, "budgets.0.cost"),
+        ({"budgets": [{"name": "b", "limit": 1, "window": "1d"}] * 2}, "budget names must be unique: b"),
+        ({"upstreams": {"a": {"transport": "http", "url": "http://x"}}}, "transport 'http' is not supported"),
+        ({"upstreams": {"a": {"transport": "stdio"}}}, "upstreams.a: Value error, transport stdio needs"),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], message: str) -> None:

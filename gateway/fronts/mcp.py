@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from gateway.errors import (
     AuthError,
     BastionError,
     ForbiddenError,
+    InsufficientScope,
     ProtocolError,
     SessionError,
     UpstreamError,
@@ -48,13 +50,13 @@ from gateway.errors import (
 from gateway.fronts import jsonrpc
 from gateway.fronts.sessions import Session, SessionSigner
 from gateway.pipeline import Pipeline, sha256_hex
-from gateway.stages.identity import Authenticator
+from gateway.stages.identity import Authenticator, require_scopes
+from gateway.upstreams.base import Upstream
 from gateway.upstreams.streamable_http import (
     LEGACY_VERSION,
     MODERN_META,
     MODERN_VERSION,
     Reply,
-    StreamableHTTPUpstream,
     first_message,
 )
 
@@ -74,7 +76,7 @@ Final = Callable[[dict[str, Any], bytes], Awaitable[bytes]]
 class Exchange:
     """One client POST on its way through the front."""
 
-    upstream: StreamableHTTPUpstream
+    upstream: Upstream
     principal: Principal
     msg: dict[str, Any]
     body: bytes
@@ -96,7 +98,7 @@ class Exchange:
 class MCPFront:
     def __init__(
         self,
-        upstreams: dict[str, StreamableHTTPUpstream],
+        upstreams: dict[str, Upstream],
         auth: Authenticator,
         pipeline: Pipeline,
         signer: SessionSigner,
@@ -156,17 +158,32 @@ class MCPFront:
         return Response(body, err.http_status, media_type="application/json")
 
     async def _authenticate(
-        self, request: Request, upstream: StreamableHTTPUpstream, body: bytes | None
+        self, request: Request, upstream: Upstream, body: bytes | None
     ) -> Principal:
+        t0 = time.perf_counter()
         try:
-            return await self.auth.authenticate(request.headers.get("authorization"))
+            principal = await self.auth.authenticate(request.headers.get("authorization"), upstream.name)
+            metrics.STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
         except AuthError as err:
             if body is not None:
                 await self._audit_refused_call(request, upstream, body, err.message)
             raise
+        try:
+            require_scopes(principal, upstream.cfg.required_scopes)
+        except InsufficientScope as err:
+            if body is not None:
+                await self._audit_refused_call(request, upstream, body, err.message, principal, err.code)
+            raise
+        return principal
 
     async def _audit_refused_call(
-        self, request: Request, upstream: StreamableHTTPUpstream, body: bytes, why: str
+        self,
+        request: Request,
+        upstream: Upstream,
+        body: bytes,
+        why: str,
+        principal: Principal | None = None,
+        policy: str = "unauthenticated",
     ) -> None:
         """A tools/call refused for its credential still leaves an audit record."""
         try:
@@ -181,17 +198,18 @@ class MCPFront:
             upstream.name,
             str(params.get("name", ""))[:200],
             args if isinstance(args, dict) else {},
+            principal=principal,
             call_id=_call_id(msg),
         )
         call.trace_id = _trace_id(request) or call.trace_id
-        await self.pipeline.refuse(call, "identity", "unauthenticated", why)
+        await self.pipeline.refuse(call, "identity", policy, why)
 
     # -- POST ---------------------------------------------------------------------------------
 
     async def _post(
         self,
         request: Request,
-        upstream: StreamableHTTPUpstream,
+        upstream: Upstream,
         principal: Principal,
         msg: dict[str, Any],
         body: bytes,
@@ -227,7 +245,8 @@ class MCPFront:
         if method == "initialize":
             return await self._initialize(x)
         if method == "tools/call":
-            return await self._call_tool(x)
+            with metrics.INFLIGHT.track_inprogress():
+                return await self._call_tool(x)
         if method == "tools/list":
             return await self._forward(x, self._filter_tools(x))
         era = await upstream.detect()
@@ -297,12 +316,17 @@ class MCPFront:
                 media_type="application/json",
             )
         decision = await self.pipeline.decide(call)
+        if decision.allowed:
+            decision = await self.pipeline.begin(call, decision)  # write-ahead, before forwarding
         if not decision.allowed:
             await self.pipeline.finish(call, decision, Outcome("denied", self.pipeline.elapsed_ms(call)))
             result = denied_result(decision, call.audit_id)
             if x.modern:
                 result["resultType"] = "complete"
             return Response(jsonrpc.result(x.msg.get("id"), result), media_type="application/json")
+        if call.forward_args is not None:  # redacted: the client's bytes must not be forwarded
+            x.msg = {**x.msg, "params": {**x.params, "arguments": call.forward_args}}
+            x.body = jsonrpc.dumps(x.msg)
         return await self._forward(x, self._audited(call, decision), call=(call, decision))
 
     def _audited(self, call: ToolCall, decision: Decision) -> Final:
@@ -318,10 +342,18 @@ class MCPFront:
             else:
                 status, why = "completed", None
             latency = self.pipeline.elapsed_ms(call)
-            metrics.UPSTREAM_SECONDS.labels(call.upstream, status).observe(latency / 1000)
+            metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(latency / 1000)
+            if isinstance(error, dict):
+                metrics.UPSTREAM_ERRORS.labels(call.upstream, "jsonrpc").inc()
             outcome = Outcome(status, latency, 200, why, sha256_hex(raw))
+            audited = decision
+            if isinstance(result, dict):
+                redacted, audited = await self.pipeline.redact_result(call, decision, result)
+                if redacted is not None:
+                    msg["result"] = redacted
+                    raw = jsonrpc.dumps(msg)
             try:
-                await self.pipeline.finish(call, decision, outcome)
+                await self.pipeline.finish(call, audited, outcome)
             except AuditUnavailable as err:
                 return jsonrpc.error(msg.get("id"), err.jsonrpc_code, err.message)
             return raw
@@ -352,6 +384,8 @@ class MCPFront:
             reply, restore_id = await self._send(x)
         except UpstreamError as err:
             if call is not None:
+                if not isinstance(err, UpstreamTimeout):
+                    await self.pipeline.refund(call[0])  # never reached: nothing was done
                 await self._record_failure(call, err)
             raise
         if reply.status == 202:
@@ -483,7 +517,9 @@ class MCPFront:
         tool_call, decision = call
         status: OutcomeStatus = "timeout" if isinstance(err, UpstreamTimeout) else "failed"
         latency = self.pipeline.elapsed_ms(tool_call)
-        metrics.UPSTREAM_SECONDS.labels(tool_call.upstream, status).observe(latency / 1000)
+        metrics.UPSTREAM_SECONDS.labels(tool_call.upstream).observe(latency / 1000)
+        kind = "timeout" if status == "timeout" else "http" if upstream_status else "transport"
+        metrics.UPSTREAM_ERRORS.labels(tool_call.upstream, kind).inc()
         await self.pipeline.finish(
             tool_call, decision, Outcome(status, latency, upstream_status, err.message)
         )
@@ -504,13 +540,13 @@ class MCPFront:
     # -- GET and DELETE -----------------------------------------------------------------------
 
     def _session_of(
-        self, request: Request, upstream: StreamableHTTPUpstream, principal: Principal
+        self, request: Request, upstream: Upstream, principal: Principal
     ) -> Session | None:
         session_id = request.headers.get("mcp-session-id")
         return self.signer.open(session_id, upstream.name, principal.key) if session_id else None
 
     async def _get(
-        self, request: Request, upstream: StreamableHTTPUpstream, principal: Principal
+        self, request: Request, upstream: Upstream, principal: Principal
     ) -> Response:
         session = self._session_of(request, upstream, principal)
         if session is None or session.upstream_session is None:
@@ -542,7 +578,7 @@ class MCPFront:
         return StreamingResponse(raw(), media_type="text/event-stream", headers={"cache-control": "no-store"})
 
     async def _delete(
-        self, request: Request, upstream: StreamableHTTPUpstream, principal: Principal
+        self, request: Request, upstream: Upstream, principal: Principal
     ) -> Response:
         session = self._session_of(request, upstream, principal)
         if session is None:
@@ -623,7 +659,7 @@ def _modernize(msg: dict[str, Any], method: str) -> None:
         result.setdefault("cacheScope", "private")
 
 
-def _discover_result(up: StreamableHTTPUpstream) -> dict[str, Any]:
+def _discover_result(up: Upstream) -> dict[str, Any]:
     result: dict[str, Any] = {
         "supportedVersions": [MODERN_VERSION],
         "capabilities": up.capabilities,

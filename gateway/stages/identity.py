@@ -3,8 +3,11 @@
 Keys come only from configuration (a JWKS file, a PEM file, a JWKS URL or OIDC discovery), never
 from the token (`jku`, `x5u`, `jwk` and `x5c` headers are ignored). Remote key sets are fetched
 with httpx, never with PyJWT's synchronous `PyJWKClient`, and the last good set is kept when the
-identity provider is unreachable. A verified token is cached until its `exp`, so the agent that
-reuses one token for many calls pays for the signature check once.
+identity provider is unreachable, for at most `jwks_stale_s` past the TTL: then the issuer's
+tokens are refused until a fetch succeeds. A verified token is cached until its `exp`, so the
+agent that reuses one token for many calls pays for the signature check once.
+
+API keys (`Bearer bst_...`, see `gateway.apikeys`) are told apart from JWTs by their prefix.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.exceptions import InvalidSubjectError
 
+from gateway.apikeys import ApiKeys, looks_like_key
 from gateway.call import Principal
 from gateway.config import IdentityConfig, IssuerConfig
-from gateway.errors import AuthError, ConfigError
+from gateway.errors import AuthError, ConfigError, InsufficientScope
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +48,14 @@ PublicKey: TypeAlias = (
 )
 
 UNKNOWN_KID_REFETCH_S = 30.0
-"""At most one key refetch per issuer in this window when tokens name a kid we do not know."""
+"""At most one key refetch per issuer in this window (or jwks_ttl_s, if shorter) for unknown kids."""
 NO_KEYS_REFETCH_S = 5.0
-"""While an issuer has no keys at all, how often a token may trigger another fetch attempt."""
+"""While an issuer has no usable keys, how often a token may trigger another fetch attempt."""
 FETCH_TIMEOUT_S = 5.0
 MAX_KEY_DOCUMENT_BYTES = 1 << 20
 CACHE_SIZE = 10_000
 MAX_ECHO = 100
+MAX_KID = 256
 
 _JWS_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _LIST_SPLIT = re.compile(r"[\s,]+")
@@ -220,6 +225,7 @@ class _Cached:
     principal: Principal
     exp: float
     issuer: _IssuerState
+    audiences: frozenset[str]
 
 
 def _segment(part: str) -> Any:
@@ -259,15 +265,48 @@ def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
     raise _invalid(f"claim {name} must be a string")
 
 
-def _delegation_chain(act: Any) -> tuple[str, ...]:
-    """RFC 8693 `act`: the outermost object is the current actor, each nested `act` a prior one."""
+def _scopes_of(node: Mapping[str, Any], where: str) -> frozenset[str] | None:
+    """`scope` (RFC 8693/9068, space separated) or `scp` (a list); None when neither is present."""
+    for name in ("scope", "scp"):
+        if name in node:
+            return _strings(node[name], where + name)
+    return None
+
+
+def _delegation(claims: Mapping[str, Any], max_depth: int) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The RFC 8693 `act` chain (current actor first) and the effective scopes.
+
+    Each nested `act` is an earlier actor. An actor may carry its own scope claim; the effective
+    scopes are the intersection of the token's and every actor's, so a delegate never holds more
+    than its delegator. A party appearing twice (the subject included) is a cycle and refused.
+    """
+    scopes = _scopes_of(claims, "") or frozenset()
     chain: list[str] = []
+    seen = {claims["sub"]}
+    act = claims.get("act")
     while act is not None:
-        if not isinstance(act, dict) or not isinstance(act.get("sub"), str):
+        if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
             raise _invalid("act claim must be an object with a sub string")
-        chain.append(act["sub"])
+        if len(chain) >= max_depth:
+            raise _invalid(f"delegation chain longer than identity.max_delegation_depth ({max_depth})")
+        actor = act["sub"]
+        if actor in seen:
+            raise _invalid(f"delegation cycle: {_clip(actor)} appears twice in the chain")
+        seen.add(actor)
+        chain.append(actor)
+        own = _scopes_of(act, "act." * len(chain))
+        if own is not None:
+            scopes &= own
         act = act.get("act")
-    return tuple(chain)
+    return tuple(chain), scopes
+
+
+def require_scopes(principal: Principal, required: Iterable[str]) -> None:
+    """Raise `InsufficientScope` naming every required scope when the principal lacks one."""
+    needed = sorted(set(required))
+    missing = [s for s in needed if s not in principal.scopes]
+    if missing:
+        raise InsufficientScope(f"token lacks scope {' '.join(missing)}", " ".join(needed))
 
 
 class Authenticator:
@@ -280,6 +319,7 @@ class Authenticator:
         upstreams: Iterable[str],
         *,
         http_client: httpx.AsyncClient | None = None,
+        state_url: str | None = None,
     ) -> None:
         self._cfg = cfg
         base = base_url.rstrip("/")
@@ -292,10 +332,12 @@ class Authenticator:
                 raise ConfigError(f"identity.issuers.{i}.audiences: empty; remove it to use the defaults")
             audiences = tuple(issuer.audiences) if issuer.audiences else default_audiences
             self._issuers[issuer.issuer] = _IssuerState(issuer, audiences)
+        self._base = base
         self._client = http_client
         self._own_client = http_client is None
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self.cache_size = CACHE_SIZE
+        self.api_keys = ApiKeys(cfg.api_keys, state_url)
 
     @property
     def issuers(self) -> list[str]:
@@ -327,9 +369,15 @@ class Authenticator:
         if self._client is not None and self._own_client:
             await self._client.aclose()
         self._client = None
+        await self.api_keys.aclose()
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        """The verified principal for an `Authorization` header value, or `AuthError`."""
+    async def authenticate(self, authorization: str | None, upstream: str | None = None) -> Principal:
+        """The verified principal for an `Authorization` header value, or `AuthError`.
+
+        With `upstream`, a token of an issuer using the default audiences must be meant for that
+        upstream's resource URI (or for the whole gateway): a token minted for another upstream
+        is refused (RFC 8707).
+        """
         if not authorization or not authorization.strip():
             raise AuthError("missing bearer token", error="invalid_request")
         limit = self._cfg.max_token_bytes
@@ -346,30 +394,38 @@ class Authenticator:
         raw = token.encode("utf-8", "replace")
         if len(raw) > limit:
             raise _invalid(f"token larger than {limit} bytes")
+        if looks_like_key(token):
+            return await self.api_keys.authenticate(token)
 
         digest = hashlib.sha256(raw).digest()
         hit = self._cache.get(digest)
-        if hit is not None:
-            if time.time() < hit.exp:
-                self._cache.move_to_end(digest)
-                self._refresh_if_stale(hit.issuer)
-                return hit.principal
-            del self._cache[digest]
-
-        principal, exp, st = await self._verify(token)
-        self._cache[digest] = _Cached(principal, exp, st)
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return principal
+        if hit is not None and time.time() < hit.exp and not self._past_stale(hit.issuer):
+            self._cache.move_to_end(digest)
+            self._refresh_if_stale(hit.issuer)
+        else:
+            if hit is not None:
+                del self._cache[digest]
+            hit = await self._verify(token)
+            self._cache[digest] = hit
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        if upstream is not None and hit.issuer.cfg.audiences is None:
+            resource = f"{self._base}/mcp/{upstream}"
+            if resource not in hit.audiences and self._base not in hit.audiences:
+                raise _invalid(f"audience not accepted: the token is not meant for {resource}")
+        return hit.principal
 
     def www_authenticate(self, resource_metadata_url: str, error: AuthError | None) -> str:
-        """The `WWW-Authenticate` value for a 401 (RFC 6750 + RFC 9728 `resource_metadata`)."""
+        """The `WWW-Authenticate` value for a 401 or 403 (RFC 6750 + RFC 9728 `resource_metadata`)."""
         value = f'Bearer resource_metadata="{_quote(resource_metadata_url)}"'
         if error is not None:
-            value += f', error="{_quote(error.error)}", error_description="{_quote(error.message)}"'
+            value += f', error="{_quote(error.error)}"'
+            if isinstance(error, InsufficientScope):
+                value += f', scope="{_quote(error.scope)}"'
+            value += f', error_description="{_quote(error.message)}"'
         return value
 
-    async def _verify(self, token: str) -> tuple[Principal, float, _IssuerState]:
+    async def _verify(self, token: str) -> _Cached:
         if not _JWS_COMPACT.fullmatch(token):
             raise _invalid("malformed token: expected a signed JWT (three base64url parts)")
         header_b64, payload_b64, _ = token.split(".")
@@ -395,6 +451,8 @@ class Authenticator:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _invalid("kid header must be a string")
+        if kid is not None and (len(kid) > MAX_KID or not all(" " <= c <= "~" for c in kid)):
+            raise _invalid(f"kid header is not a plausible key id (printable ASCII, at most {MAX_KID})")
 
         key = await self._key_for(st, kid)
         if not key.fits(alg):
@@ -411,21 +469,45 @@ class Authenticator:
             )
         except jwt.PyJWTError as exc:
             raise _invalid(_describe(exc)) from exc
-        return self._principal(name, claims), float(claims["exp"]), st
+        aud = claims["aud"]
+        audiences = frozenset([aud] if isinstance(aud, str) else aud)
+        return _Cached(self._principal(name, claims), float(claims["exp"]), st, audiences)
+
+    def _past_stale(self, st: _IssuerState) -> bool:
+        """True once a remote issuer's keys are older than `jwks_ttl_s + jwks_stale_s`."""
+        return (
+            st.remote
+            and st.keys is not None
+            and time.monotonic() - st.fetched_at >= st.cfg.jwks_ttl_s + st.cfg.jwks_stale_s
+        )
+
+    async def _forced_refresh(self, st: _IssuerState, window: float) -> None:
+        """Wait for a refetch: join the one in flight, else start one unless one ran within `window`."""
+        if st.inflight is not None and not st.inflight.done():
+            await asyncio.shield(st.inflight)
+            return
+        now = time.monotonic()
+        if now - st.last_forced >= window:
+            st.last_forced = now
+            await asyncio.shield(self._start_refresh(st))
 
     async def _key_for(self, st: _IssuerState, kid: str | None) -> _Key:
         name = st.cfg.issuer
         if st.remote:
+            ttl = st.cfg.jwks_ttl_s
+            if self._past_stale(st):
+                await self._forced_refresh(st, min(NO_KEYS_REFETCH_S, ttl))
+                if self._past_stale(st):
+                    age = time.monotonic() - st.fetched_at
+                    window = st.cfg.jwks_ttl_s + st.cfg.jwks_stale_s
+                    raise _invalid(
+                        f"signing keys of issuer {name} are stale: the last successful fetch was"
+                        f" {age:.0f} s ago, past jwks_ttl_s + jwks_stale_s ({window:g} s)"
+                    )
             self._refresh_if_stale(st)
-            now = time.monotonic()
             if st.keys is None or st.keys.lookup(kid) is None:
-                if st.inflight is not None and not st.inflight.done():
-                    await asyncio.shield(st.inflight)
-                else:
-                    window = UNKNOWN_KID_REFETCH_S if st.keys is not None else NO_KEYS_REFETCH_S
-                    if now - st.last_forced >= window:
-                        st.last_forced = now
-                        await asyncio.shield(self._start_refresh(st))
+                window = UNKNOWN_KID_REFETCH_S if st.keys is not None else NO_KEYS_REFETCH_S
+                await self._forced_refresh(st, min(window, ttl))
         keys = st.keys
         if keys is None:
             raise _invalid(f"signing keys of issuer {name} are unavailable (the key fetch failed)")
@@ -526,6 +608,7 @@ class Authenticator:
         agent = claims.get("azp", claims.get("client_id"))
         if agent is not None and not isinstance(agent, str):
             raise _invalid("azp/client_id claim must be a string")
+        chain, scopes = _delegation(claims, self._cfg.max_delegation_depth)
         return Principal(
             sub=sub,
             issuer=issuer,
@@ -534,7 +617,8 @@ class Authenticator:
             tenant=_optional_str(claims, names.tenant),
             email=_optional_str(claims, names.email),
             agent=agent,
-            delegation_chain=_delegation_chain(claims.get("act")),
+            delegation_chain=chain,
+            scopes=scopes,
             claims=MappingProxyType(claims),
         )
 

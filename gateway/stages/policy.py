@@ -9,6 +9,8 @@ refuse any undeclared context field), and hands Cedar only sanitised arguments.
 
 from __future__ import annotations
 
+import bisect
+import fnmatch
 import hashlib
 import json
 import re
@@ -32,8 +34,9 @@ from gateway.cedar_context import (
 )
 from gateway.config import PolicyConfig, ToolSettings
 from gateway.errors import ConfigError
+from gateway.policy_entities import load_entities
 
-__all__ = ["OBLIGATIONS", "REQUEST_ACTIONS", "PolicyEngine", "PolicyInfo"]
+__all__ = ["OBLIGATIONS", "REQUEST_ACTIONS", "PolicyEngine", "PolicyInfo", "policy_files"]
 
 OBLIGATIONS: Mapping[str, Effect] = {"redact": "transform", "approval": "approval_required"}
 """`@obligation` values a permit may carry, and the effect each turns an allow into."""
@@ -72,16 +75,18 @@ class _Chunk:
     text: str
     start: int
     source_text: str
+    newlines: tuple[int, ...]
+    """Offsets of the file's newlines, shared by its chunks: positions without rescanning the file."""
 
     def where(self, offset: int = 0) -> str:
         pos = self.start + offset
-        line = self.source_text.count("\n", 0, pos) + 1
-        col = pos - (self.source_text.rfind("\n", 0, pos) + 1) + 1
+        line = bisect.bisect_left(self.newlines, pos) + 1
+        col = pos - (self.newlines[line - 2] + 1 if line > 1 else 0) + 1
         return f"{self.path}:{line}:{col}"
 
     @property
     def line(self) -> int:
-        return self.source_text.count("\n", 0, self.start) + 1
+        return bisect.bisect_left(self.newlines, self.start) + 1
 
 
 def _split(text: str) -> list[tuple[int, int]]:
@@ -234,6 +239,7 @@ class PolicyEngine:
         tz: ZoneInfo,
         arg_types: dict[str, dict[str, CedarType]],
         warnings: Iterable[str] = (),
+        base_entities: cedarpy.Entities | None = None,
     ) -> None:
         self.version = version
         self.warnings: tuple[str, ...] = tuple(warnings)
@@ -244,6 +250,7 @@ class PolicyEngine:
         self._est = est
         self._tz = tz
         self._arg_types = arg_types
+        self._base_entities = base_entities
         # Bounded caches, emptied when full: plain dicts stay safe if decisions run in threads.
         self._sets: dict[tuple[str, str, str], cedarpy.PolicySet] = {}
         self._sets_by_ids: dict[tuple[str, ...], cedarpy.PolicySet] = {}
@@ -281,8 +288,17 @@ class PolicyEngine:
             raise ConfigError(f"invalid policy schema:\n  {schema_path}: {exc}") from exc
 
         digest = hashlib.sha256()
-        chunks, errors = _read_chunks(directory, digest.update)
+        chunks, errors = _read_chunks(directory, digest.update, cfg.exclude)
         digest.update(b"schema\x00" + user_schema.encode() + b"\x00" + tool_args.encode())
+        base_entities: cedarpy.Entities | None = None
+        entities_path = cfg.entities_path
+        if entities_path is not None:
+            try:
+                base_entities, raw = load_entities(entities_path, schema)
+            except ValueError as exc:
+                errors.append((len(chunks) + 1, str(exc)))
+            else:
+                digest.update(b"entities\x00" + raw)
         parsed = _parse(chunks, errors)
         warnings: _Errors = []
         if parsed:
@@ -314,6 +330,7 @@ class PolicyEngine:
             tz=tz,
             arg_types={k: v for k, v in arg_types.items() if v},
             warnings=[w for _, w in sorted(warnings)],
+            base_entities=base_entities,
         )
         try:
             for key in list(tool_schemas)[: _CACHE_MAX // 4]:
@@ -384,7 +401,8 @@ class PolicyEngine:
             {
                 "uid": {"type": "User", "id": principal.sub},
                 "attrs": attrs,
-                "parents": [{"type": "Group", "id": g} for g in sorted(principal.groups)],
+                "parents": [{"type": "Group", "id": g} for g in sorted(principal.groups)]
+                + [{"type": "Role", "id": r} for r in sorted(principal.roles)],
             },
             {
                 "uid": {"type": "Tool", "id": f"{upstream}/{tool}"},
@@ -392,7 +410,11 @@ class PolicyEngine:
                 "parents": [{"type": "Upstream", "id": upstream}],
             },
         ]
-        found = cedarpy.Entities.from_json_str(json.dumps(doc))
+        text = json.dumps(doc)
+        if self._base_entities is not None:
+            found = self._base_entities.with_added_json_str(text)
+        else:
+            found = cedarpy.Entities.from_json_str(text)
         if len(self._entities) >= _CACHE_MAX:
             self._entities.clear()
         self._entities[key] = found
@@ -407,8 +429,11 @@ class PolicyEngine:
         args: Mapping[str, Any],
         settings: ToolSettings,
         now: datetime | None = None,
+        pii: Iterable[str] = (),
     ) -> Decision:
-        """Evaluate one request. Anything but a clean Allow is a deny that says why."""
+        """Evaluate one request. Anything but a clean Allow is a deny that says why.
+
+        `pii`: the entity types redaction found in the arguments (`context.pii`)."""
         key = f"{upstream}/{tool}"
         try:
             clean = sanitize_args(args, self._arg_types.get(key))
@@ -426,7 +451,7 @@ class PolicyEngine:
             },
             "risk": settings.risk,
             "time": {"hour": local.hour, "weekday": local.isoweekday()},
-            "pii": [],
+            "pii": sorted(pii),
         }
         request = {
             "principal": {"type": "User", "id": principal.sub},
@@ -508,15 +533,32 @@ _Errors = list[tuple[int, str]]
 """Problems found while loading, keyed by the policy's position so they print in file order."""
 
 
-def _read_chunks(directory: Path, feed: Callable[[bytes], object]) -> tuple[list[_Chunk], _Errors]:
+def _excluded(rel: str, patterns: Iterable[str]) -> bool:
+    for pattern in patterns:
+        pattern = pattern.strip("/")
+        if fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(rel, pattern + "/*"):
+            return True
+    return False
+
+
+def policy_files(directory: Path, exclude: Iterable[str] = ()) -> list[Path]:
+    """The `*.cedar` files that make up the set in `directory`, in load order."""
+    patterns = list(exclude)
+    found = [
+        (rel, p)
+        for p in directory.rglob("*.cedar")
+        if p.is_file() and not _excluded(rel := p.relative_to(directory).as_posix(), patterns)
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def _read_chunks(
+    directory: Path, feed: Callable[[bytes], object], exclude: Iterable[str] = ()
+) -> tuple[list[_Chunk], _Errors]:
     """Every policy's text and position, files in sorted order; each file's name and bytes go to `feed`."""
-    files = sorted(
-        (p for p in directory.rglob("*.cedar") if p.is_file()),
-        key=lambda p: p.relative_to(directory).as_posix(),
-    )
     chunks: list[_Chunk] = []
     errors: _Errors = []
-    for path in files:
+    for path in policy_files(directory, exclude):
         rel = path.relative_to(directory).as_posix()
         try:
             raw = path.read_bytes()
@@ -525,8 +567,9 @@ def _read_chunks(directory: Path, feed: Callable[[bytes], object]) -> tuple[list
             errors.append((len(chunks), f"{path}: cannot read: {exc}"))
             continue
         feed(b"file\x00" + rel.encode() + b"\x00" + raw + b"\x00")
+        newlines = tuple(i for i, c in enumerate(text) if c == "\n")
         for s, e in _split(text):
-            chunks.append(_Chunk(len(chunks), path, rel, text[s:e], s, text))
+            chunks.append(_Chunk(len(chunks), path, rel, text[s:e], s, text, newlines))
     return chunks, errors
 
 

@@ -22,6 +22,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.upstreams.credentials import upstream_auth
 
 log = logging.getLogger("bastion.upstream")
 
@@ -117,8 +118,10 @@ class StreamableHTTPUpstream:
         self.shared = SharedSession()
         self._era_lock = asyncio.Lock()
         self._detected = False
+        headers, auth = upstream_auth(name, cfg)
         self.client = httpx.AsyncClient(
-            headers=cfg.headers,
+            headers=headers,
+            auth=auth,
             timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )

@@ -1,0 +1,220 @@
+"""Start the upstream and Bastion as separate processes, each on its own loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from gateway import config as config_mod
+from gateway.devkeys import DEV_ISSUER, ensure_dev_key
+from gateway.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+UPSTREAM = "bench"
+POLICY = """@id("bench-may-echo")
+@reason("the benchmark may call echo")
+permit (principal in Group::"bench", action in [Action::"call_tool", Action::"list_tools"], resource);
+"""
+BUDGETS = [
+    {
+        "name": "bench-per-user",
+        "match": {"tools": [f"{UPSTREAM}/echo"]},
+        "per": ["user"],
+        "limit": 1_000_000_000,
+        "window": "1d",
+    }
+]
+REDACTION = {
+    "entities": [
+        "EMAIL_ADDRESS",
+        "PHONE_NUMBER",
+        "CREDIT_CARD",
+        "US_SSN",
+        "IBAN_CODE",
+        "IP_ADDRESS",
+        "SECRET",
+    ],
+    "default": {"arguments": "replace", "results": "none"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def supported(section: str, value: Any, base: dict[str, Any], where: Path) -> str | None:
+    """None if this build accepts the config `section`, else the reason it refuses it."""
+    try:
+        config_mod.parse({**base, section: value}, where)
+    except ConfigError as err:
+        return err.message.replace("\n", " ")
+    return None
+
+
+def gateway_config(work: Path, upstream_url: str, port: int) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Bastion's config for the benchmark; also says which optional sections this build supports."""
+    key = ensure_dev_key(work)
+    policies = work / "policies"
+    policies.mkdir(exist_ok=True)
+    shutil.copy(REPO / "policies" / "schema.cedarschema", policies / "schema.cedarschema")
+    (policies / "bench.cedar").write_text(POLICY)
+    base: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(key.jwks_path)}]},
+        "policy": {"dir": str(policies)},
+        "upstreams": {UPSTREAM: {"url": upstream_url}},
+        "audit": {"url": f"sqlite+aiosqlite:///{work / 'audit.db'}"},
+        "state": {"url": f"sqlite+aiosqlite:///{work / 'state.db'}"},
+        "data_dir": str(work),
+    }
+    extras = {
+        "budgets": supported("budgets", BUDGETS, base, work),
+        "redaction": supported("redaction", REDACTION, base, work),
+    }
+    return base, extras
+
+
+class Proc:
+    """A child process whose output goes to a log file (a full pipe would stall it)."""
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = log
+        self._out = log.open("wb")
+        self.popen = subprocess.Popen(
+            list(argv), stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(
+    proc: Proc, url: str, ok: tuple[int, ...], timeout: float = 30.0, method: str = "GET", **kw: Any
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        try:
+            if httpx.request(method, url, timeout=1, **kw).status_code in ok:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s:\n{proc.tail()}")
+
+
+@contextlib.contextmanager
+def upstream(work: Path) -> Iterator[tuple[Proc, str]]:
+    port = free_port()
+    proc = Proc("upstream", [sys.executable, "-m", "bench.upstream", str(port)], work / "upstream.log")
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        discover = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "server/discover",
+            "params": {
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                }
+            },
+        }
+        headers = {
+            "mcp-protocol-version": "2026-07-28",
+            "mcp-method": "server/discover",
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+        }
+        wait_ready(proc, url, (200,), method="POST", content=json.dumps(discover), headers=headers)
+        yield proc, url
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def bastion(work: Path, cfg: dict[str, Any], name: str) -> Iterator[tuple[Proc, str]]:
+    """Bastion serving `cfg` in its own process (`gateway.cli serve`, as an operator runs it)."""
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)]
+    proc = Proc(name, argv, work / f"{name}.log", {**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        base = f"http://127.0.0.1:{cfg['listen']['port']}"
+        wait_ready(proc, f"{base}/readyz", (200,))
+        yield proc, f"{base}/mcp/{UPSTREAM}"
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path, rate: int) -> Iterator[None]:
+    """Sample `pid` with `py-spy record` (collapsed stacks, idle frames dropped) while the block runs."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+    argv = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--rate",
+        str(rate),
+        "--nonblocking",
+        "--threads",
+        "-o",
+        str(out),
+    ]
+    proc = Proc("py-spy", argv, out.with_suffix(".log"))
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        proc.popen.send_signal(signal.SIGINT)
+        try:
+            proc.popen.wait(30)
+        finally:
+            proc.stop()

@@ -1,0 +1,284 @@
+"""`bastion policy validate|test` and `bastion explain`: policy authoring from the command line.
+
+`validate` and `test` work offline on the files. `explain` builds the gateway from a config the
+way `serve` does (issuers, upstream tool discovery, policy, stages) and runs one request through
+identity and the decision stages without forwarding it, so its answer is the one a real call
+would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast, get_args
+
+import yaml
+
+from gateway.call import Action, Decision, Principal, ToolCall
+from gateway.config import Config
+from gateway.errors import AuthError, ConfigError
+from gateway.policy_cases import CaseError, find_schema, run_paths
+from gateway.stages.policy import PolicyEngine
+
+__all__ = ["explain", "register"]
+
+_ERROR_POLICIES = frozenset({"policy-error", "invalid-arguments"})
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    pol = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
+    v = pol.add_parser("validate", parents=[common], help="parse and schema-validate every policy")
+    v.add_argument("dir", nargs="?", help="policy directory (default: policy.dir of the config)")
+    v.add_argument("--schema", help="Cedar schema (default: DIR's schema.cedarschema or the nearest above)")
+    v.add_argument(
+        "--tools",
+        help="YAML/JSON with a `tools:` mapping UPSTREAM/TOOL -> {input_schema}, e.g. a test case file; "
+        "types context.args as the upstreams' tools would",
+    )
+    v.set_defaults(func=cmd_validate)
+
+    t = pol.add_parser("test", parents=[common], help="run policy test cases (YAML)")
+    t.add_argument(
+        "cases", nargs="*", help="case files or directories (default: every tests/*.yaml under policy.dir)"
+    )
+    t.add_argument("-v", "--verbose", action="store_true", help="list every case, not only failures")
+    t.set_defaults(func=cmd_test)
+
+    e = sub.add_parser(
+        "explain", parents=[common], help="the decision for one request, with reasons, without forwarding"
+    )
+    e.add_argument("--token", required=True, help="the caller's bearer token (verified as the gateway would)")
+    e.add_argument("--tool", required=True, metavar="UPSTREAM/TOOL")
+    e.add_argument("--args", default="{}", metavar="JSON", help="tool arguments as JSON, or @FILE")
+    e.add_argument("--action", default="call_tool", choices=sorted(get_args(Action)))
+    e.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    e.set_defaults(func=cmd_explain)
+
+
+def _config(arg: str | None) -> Config:
+    from gateway.cli import load_or_demo
+
+    return load_or_demo(arg)
+
+
+# validate ---------------------------------------------------------------------------------------
+
+
+def _tool_schemas(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--tools {path}: cannot read: {exc}") from exc
+    tools = data.get("tools") if isinstance(data, Mapping) else None
+    if not isinstance(tools, Mapping):
+        raise ConfigError(f"--tools {path}: no `tools:` mapping of UPSTREAM/TOOL -> {{input_schema: ...}}")
+    return {
+        str(k): (v or {}).get("input_schema") or {} for k, v in tools.items() if isinstance(v, Mapping | None)
+    }
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    policy = _config(args.config).policy
+    if args.dir:
+        directory = Path(args.dir)
+        policy = policy.model_copy(
+            update={"dir": directory, "schema_file": find_schema(directory), "entities": None}
+        )
+    if args.schema:
+        policy = policy.model_copy(update={"schema_file": Path(args.schema)})
+    tools = _tool_schemas(args.tools) if args.tools else {}
+    try:
+        engine = PolicyEngine.load(policy, tools)
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 1
+    for warning in engine.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: policy set {engine.version} in {policy.dir} ({len(engine.policies)} policies)")
+    return 0
+
+
+# test -------------------------------------------------------------------------------------------
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    paths = [Path(c) for c in args.cases] or [_config(args.config).policy.dir]
+    try:
+        results, errors = run_paths(paths)
+    except CaseError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for result in results:
+        if not result.ok:
+            print(f"FAIL {result.describe()}")
+        elif args.verbose:
+            print(f"ok   {result.suite}:{result.case.line}: {result.case.name}")
+    for error in errors:
+        print(f"ERROR {error}")
+    failed = sum(not r.ok for r in results)
+    files = len({r.suite for r in results})
+    print(
+        f"{len(results) - failed} passed, {failed} failed, {len(errors)} files with errors "
+        f"({len(results)} cases in {files} files)"
+    )
+    if not results and not errors:
+        print(f"no case files found under {', '.join(map(str, paths))}", file=sys.stderr)
+        return 1
+    return 1 if failed or errors else 0
+
+
+# explain ----------------------------------------------------------------------------------------
+
+
+def _parse_args(text: str) -> dict[str, Any]:
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--args {text}: cannot read: {exc}") from exc
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--args: not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("--args: must be a JSON object")
+    return value
+
+
+def _principal_json(p: Principal) -> dict[str, Any]:
+    return {
+        "sub": p.sub,
+        "issuer": p.issuer,
+        "groups": sorted(p.groups),
+        "roles": sorted(p.roles),
+        "tenant": p.tenant,
+        "email": p.email,
+        "agent": p.agent,
+        "delegation_chain": list(p.delegation_chain),
+        "scopes": sorted(p.scopes),
+    }
+
+
+def _policies_json(decision: Decision, engine: PolicyEngine) -> list[dict[str, Any]]:
+    by_id = {p.id: p for p in engine.policies}
+    out = []
+    for r in decision.reasons:
+        info = by_id.get(r.policy)
+        out.append(
+            {
+                "id": r.policy,
+                "effect": info.effect if info else None,
+                "reason": r.reason,
+                "obligation": info.obligation if info else None,
+                "source": info.source if info else None,
+            }
+        )
+    return out
+
+
+async def explain(
+    cfg: Config, token: str, upstream: str, tool: str, args: Mapping[str, Any], action: str = "call_tool"
+) -> dict[str, Any]:
+    """The full decision for one request, as JSON-able data; nothing is forwarded.
+
+    `decision` is what the pipeline answers (the stage that decided included); `policy` is the
+    policy stage's own verdict with each deciding policy, its source and obligation, so an
+    obligation the pipeline cannot honour yet is still visible.
+    """
+    from gateway.app import Gateway
+
+    if upstream not in cfg.upstreams:
+        known = ", ".join(sorted(cfg.upstreams)) or "none"
+        raise ConfigError(f"--tool: no upstream named {upstream!r} in the config (configured: {known})")
+    cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"watch": False})})
+    gw = Gateway(cfg)
+    try:
+        await gw.start()
+        engine = gw.policy
+        assert engine is not None
+        out: dict[str, Any] = {
+            "request": {"action": action, "upstream": upstream, "tool": tool, "arguments": dict(args)},
+            "policy_version": engine.version,
+            "forwarded": False,
+        }
+        try:
+            principal = await gw.auth.authenticate(f"Bearer {token}")
+        except AuthError as exc:
+            out["principal"] = None
+            out["decision"] = Decision.deny("identity", "unauthenticated", exc.message).to_json()
+            out["policy"] = None
+            out["errors"] = [f"identity: {exc.message}"]
+            return out
+        out["principal"] = _principal_json(principal)
+        call = ToolCall(
+            upstream,
+            tool,
+            dict(args),
+            protocol="http",
+            action=cast(Action, action),
+            principal=principal,
+            dry_run=True,
+        )
+        verdict = engine.decide(principal, action, upstream, tool, args, gw.settings_for(upstream, tool))
+        final = await gw.mcp.pipeline.decide(call)
+        out["decision"] = final.to_json()
+        out["policy"] = {
+            "effect": verdict.effect,
+            "policies": _policies_json(verdict, engine),
+            "obligations": sorted(
+                {
+                    p.obligation
+                    for p in engine.policies
+                    if p.obligation and p.id in verdict.policy_ids and verdict.effect != "deny"
+                }
+            ),
+        }
+        out["errors"] = [f"{r.policy}: {r.reason}" for r in final.reasons if r.policy in _ERROR_POLICIES]
+        return out
+    finally:
+        await gw.stop()
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """The explanation for a person: effect first, then why."""
+    req = result["request"]
+    decision = result["decision"]
+    lines = [
+        f"request:   {req['action']} {req['upstream']}/{req['tool']} {json.dumps(req['arguments'])}",
+    ]
+    p = result.get("principal")
+    if p:
+        lines.append(
+            f"principal: User::{json.dumps(p['sub'])} groups={p['groups']} roles={p['roles']} "
+            f"tenant={p['tenant']} agent={p['agent']} chain={p['delegation_chain']} scopes={p['scopes']}"
+        )
+    lines.append(f"decision:  {decision['effect'].upper()} (decided by stage: {decision['stage']})")
+    for r in decision["reasons"]:
+        lines.append(f"  - {r['policy']}: {r['reason']}")
+    policy = result.get("policy")
+    if policy is not None:
+        lines.append(f"policy:    {policy['effect']} (policy set {result['policy_version']})")
+        for item in policy["policies"]:
+            where = f"  [{item['source']}]" if item["source"] else ""
+            kind = f"{item['effect']} " if item["effect"] else ""
+            note = f" @obligation({item['obligation']})" if item["obligation"] else ""
+            lines.append(f"  - {kind}{item['id']}{note}: {item['reason'] or '(no @reason)'}{where}")
+        lines.append(f"obligations: {', '.join(policy['obligations']) or 'none'}")
+    lines.append(f"errors:    {'; '.join(result['errors']) or 'none'}")
+    lines.append("not forwarded (explain never calls the upstream)")
+    return "\n".join(lines)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    upstream, sep, tool = args.tool.partition("/")
+    if not sep or not upstream or not tool:
+        raise ConfigError(f"--tool: expected UPSTREAM/TOOL, got {args.tool!r}")
+    arguments = _parse_args(args.args)
+    cfg = _config(args.config)
+    result = asyncio.run(explain(cfg, args.token, upstream, tool, arguments, args.action))
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0

@@ -1,0 +1,277 @@
+"""Budgets and rate limits, consumed atomically in SQL so they hold exactly across replicas.
+
+Each matching budget is charged with one conditional UPDATE (`used + cost <= limit`), never a
+read-then-write; all charges of one call share one transaction, so a call that matches several
+budgets consumes all or none. Windows are fixed and aligned to the Unix epoch in UTC (`1d`
+resets at UTC midnight); a rate limit is a budget with a short window.
+
+Delegation: a budget counted `per: [agent]` charges every actor of the delegation chain, so what
+a sub-agent spends also counts against the agent that delegated to it; `per: [user]` counts the
+token's subject, the user on whose behalf the whole chain acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway.call import Decision, Principal, Reason, ToolCall
+from gateway.config import BudgetRule, CostTable
+from gateway.state import budget_usage
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    rule: BudgetRule
+    subject: str
+    window_start: int
+    cost: int
+
+    @property
+    def window_end(self) -> int:
+        return self.window_start + self.rule.window_s
+
+    def state(self, used: int) -> dict[str, Any]:
+        return {
+            "budget": self.rule.name,
+            "subject": self.subject,
+            "cost": self.cost,
+            "used": used,
+            "limit": self.rule.limit,
+            "remaining": max(0, self.rule.limit - used),
+            "resets_at": _iso(self.window_end),
+        }
+
+
+class _OverBudget(Exception):
+    def __init__(self, charge: Charge) -> None:
+        self.charge = charge
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matches(rule: BudgetRule, call: ToolCall, p: Principal) -> bool:
+    m = rule.match
+    if m.tools and not any(t in ("*", call.resource, f"{call.upstream}/*") for t in m.tools):
+        return False
+    if m.upstreams and call.upstream not in m.upstreams:
+        return False
+    if m.users and p.sub not in m.users:
+        return False
+    if m.groups and not p.groups.intersection(m.groups):
+        return False
+    if m.tenants and p.tenant not in m.tenants:
+        return False
+    return not (m.agents and not set(_actors(p)).intersection(m.agents))
+
+
+def _actors(p: Principal) -> tuple[str, ...]:
+    if p.delegation_chain:
+        return p.delegation_chain
+    return (p.agent,) if p.agent else ()
+
+
+def _subjects(rule: BudgetRule, call: ToolCall, p: Principal) -> list[str]:
+    """One counter key per combination of the `per` dimensions (agents expand over the chain)."""
+    values: list[list[str]] = []
+    for dim in rule.per:
+        if dim == "user":
+            values.append([f"user={p.sub}"])
+        elif dim == "tenant":
+            values.append([f"tenant={p.tenant or '-'}"])
+        elif dim == "tool":
+            values.append([f"tool={call.resource}"])
+        elif dim == "upstream":
+            values.append([f"upstream={call.upstream}"])
+        else:
+            values.append([f"agent={a}" for a in _actors(p)] or ["agent=-"])
+    return ["|".join(combo)[:512] for combo in itertools.product(*values)] or ["*"]
+
+
+def cost_of(rule: BudgetRule, call: ToolCall) -> int:
+    """The call's cost under this budget; ValueError names what is wrong with a cost argument."""
+    cost = rule.cost
+    if isinstance(cost, int):
+        return cost
+    if isinstance(cost, CostTable):
+        return cost.tools.get(call.resource, cost.tools.get(call.tool, cost.default))
+    value: Any = call.arguments
+    for part in cost.split(".")[1:]:
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 2**62:
+        raise ValueError(f"budget {rule.name}: argument {cost[5:]} must be a non-negative integer")
+    return value
+
+
+class BudgetStage:
+    """Charges every matching budget; denies, naming the budget, when one would be exceeded."""
+
+    name = "budget"
+
+    def __init__(self, rules: Sequence[BudgetRule], engine: AsyncEngine) -> None:
+        self.rules = tuple(rules)
+        self.engine = engine
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._insert = sqlite.insert if self._sqlite else postgresql.insert
+        self._lock = asyncio.Lock()
+
+    def charges(self, call: ToolCall, now: float) -> list[Charge]:
+        p = call.principal
+        assert p is not None
+        out: list[Charge] = []
+        for rule in self.rules:
+            if not _matches(rule, call, p):
+                continue
+            cost = cost_of(rule, call)
+            start = int(now) // rule.window_s * rule.window_s
+            out.extend(Charge(rule, s, start, cost) for s in _subjects(rule, call, p))
+        return out
+
+    async def __call__(self, call: ToolCall) -> Decision | None:
+        if call.principal is None or not self.rules:
+            return None
+        now = time.time()
+        try:
+            charges = self.charges(call, now)
+        except ValueError as exc:
+            return Decision.deny(self.name, "budget-cost", str(exc))
+        if not charges:
+            return None
+        try:
+            states = await (self._peek(charges) if call.dry_run else self._consume(charges))
+        except _OverBudget as over:
+            c = over.charge
+            used = await self._used(c)
+            state = c.state(used)
+            call.budget = {"charged": [], "exceeded": state}
+            reason = (
+                f"budget {c.rule.name} exceeded: limit {c.rule.limit} per {c.rule.window}, "
+                f"{state['remaining']} left, resets at {state['resets_at']}"
+            )
+            retry = max(1, c.window_end - int(now))
+            return Decision(
+                "deny", (Reason(f"budget/{c.rule.name}", reason),), self.name, retry_after_s=retry
+            )
+        except SQLAlchemyError as exc:
+            return Decision.deny(
+                self.name, "budget-unavailable", f"budget store unavailable: {type(exc).__name__}"
+            )
+        call.budget = {"charged": states, "exceeded": None}
+        return None
+
+    async def _peek(self, charges: list[Charge]) -> list[dict[str, Any]]:
+        """What consuming would do, without consuming (for `bastion explain`)."""
+        states = []
+        for c in charges:
+            used = await self._used(c)
+            if used + c.cost > c.rule.limit:
+                raise _OverBudget(c)
+            states.append(c.state(used + c.cost) | {"dry_run": True})
+        return states
+
+    async def _consume(self, charges: list[Charge]) -> list[dict[str, Any]]:
+        if self._sqlite:
+            async with self._lock:
+                return await self._transaction(charges)
+        return await self._transaction(charges)
+
+    async def _transaction(self, charges: list[Charge]) -> list[dict[str, Any]]:
+        states = []
+        async with self.engine.begin() as conn:
+            for c in charges:
+                used = await self._charge(conn, c)
+                if used is None:
+                    raise _OverBudget(c)
+                states.append(c.state(used))
+        return states
+
+    async def _charge(self, conn: AsyncConnection, c: Charge) -> int | None:
+        key = and_(
+            budget_usage.c.budget == c.rule.name,
+            budget_usage.c.subject == c.subject,
+            budget_usage.c.window_start == c.window_start,
+        )
+        new_row = {"budget": c.rule.name, "subject": c.subject, "window_start": c.window_start, "used": 0}
+        await conn.execute(self._insert(budget_usage).values(new_row).on_conflict_do_nothing())
+        result = await conn.execute(
+            update(budget_usage)
+            .where(key, budget_usage.c.used + c.cost <= c.rule.limit)
+            .values(used=budget_usage.c.used + c.cost)
+            .returning(budget_usage.c.used)
+        )
+        row = result.first()
+        return None if row is None else int(row[0])
+
+    async def _used(self, c: Charge) -> int:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(budget_usage.c.used).where(
+                        budget_usage.c.budget == c.rule.name,
+                        budget_usage.c.subject == c.subject,
+                        budget_usage.c.window_start == c.window_start,
+                    )
+                )
+            ).first()
+        return int(row[0]) if row else 0
+
+    async def refund(self, call: ToolCall) -> None:
+        """Give back what a call was charged, for budgets that refund when the upstream failed."""
+        charged = (call.budget or {}).get("charged") or []
+        refunds = [
+            s
+            for s in charged
+            if any(r.name == s["budget"] and r.refund_on_upstream_failure for r in self.rules)
+        ]
+        if not refunds:
+            return
+        rules = {r.name: r for r in self.rules}
+        async with self.engine.begin() as conn:
+            for s in refunds:
+                rule = rules[s["budget"]]
+                window_start = int(datetime.fromisoformat(s["resets_at"].replace("Z", "+00:00")).timestamp())
+                await conn.execute(
+                    update(budget_usage)
+                    .where(
+                        budget_usage.c.budget == rule.name,
+                        budget_usage.c.subject == s["subject"],
+                        budget_usage.c.window_start == window_start - rule.window_s,
+                        budget_usage.c.used >= s["cost"],
+                    )
+                    .values(used=budget_usage.c.used - s["cost"])
+                )
+                s["refunded"] = True
+
+
+async def usage(
+    engine: AsyncEngine, rules: Sequence[BudgetRule], user: str | None = None
+) -> list[dict[str, Any]]:
+    """Current-window usage of every configured budget (for `bastion budgets show`)."""
+    now = int(time.time())
+    rows: list[dict[str, Any]] = []
+    async with engine.connect() as conn:
+        for rule in rules:
+            start = now // rule.window_s * rule.window_s
+            query = select(budget_usage.c.subject, budget_usage.c.used).where(
+                budget_usage.c.budget == rule.name, budget_usage.c.window_start == start
+            )
+            for subject, used in (await conn.execute(query.order_by(budget_usage.c.subject))).all():
+                if user is not None and f"user={user}" not in subject.split("|"):
+                    continue
+                charge = Charge(rule, subject, start, 0)
+                rows.append(charge.state(int(used)) | {"window": rule.window})
+    return rows

@@ -1,0 +1,53 @@
+"""The state database shared by replicas: budget usage (and later approvals, pins).
+
+SQLite (WAL) on one machine, PostgreSQL when several replicas run. The engine is created once
+at start-up. SQLite state uses `synchronous=NORMAL`: a process crash loses nothing, a power
+loss may lose the last few commits (budget counters only; the audit trail is stricter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, MetaData, String, Table, event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from audit.store import safe_url
+from gateway.errors import ConfigError
+
+metadata = MetaData()
+
+budget_usage = Table(
+    "bastion_budget_usage",
+    metadata,
+    Column("budget", String(128), primary_key=True),
+    Column("subject", String(512), primary_key=True),
+    Column("window_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("used", BigInteger, nullable=False),
+)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+async def open_state(url: str) -> AsyncEngine:
+    """Create the engine and the tables once; a bad URL stops start-up naming `state.url`."""
+    try:
+        engine = create_async_engine(url, pool_pre_ping=False)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise ConfigError(f"state.url: cannot use {safe_url(url)}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+    except (SQLAlchemyError, OSError) as exc:
+        await engine.dispose()
+        raise ConfigError(f"state.url: cannot open {safe_url(url)}: {type(exc).__name__}: {exc}") from exc
+    return engine

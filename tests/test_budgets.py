@@ -1,0 +1,304 @@
+"""Budgets hold exactly: real SQLite and PostgreSQL, real concurrency, real gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from conftest import POLICIES, free_port, make_config, running_gateway
+from sqlalchemy import delete
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway import config as config_mod
+from gateway.call import Principal, ToolCall
+from gateway.config import BudgetRule
+from gateway.stages.budget import BudgetStage, usage
+from gateway.state import budget_usage, open_state
+
+PG = os.environ.get("BASTION_TEST_PG")
+ALICE = Principal(sub="alice", issuer="test", groups=frozenset({"developers"}))
+
+
+def rule(**kw: Any) -> BudgetRule:
+    data = {"name": "b", "limit": 100, "window": "1d"} | kw
+    return config_mod.parse({"budgets": [data]}, Path(".")).budgets[0]
+
+
+def call(tool: str = "transfer", principal: Principal = ALICE, **args: Any) -> ToolCall:
+    return ToolCall("pay", tool, args, principal=principal)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    if request.param == "sqlite":
+        eng = await open_state(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    else:
+        if not PG:
+            pytest.skip("BASTION_TEST_PG not set: PostgreSQL budget tests skipped")
+        eng = await open_state(PG)
+        async with eng.begin() as conn:
+            await conn.execute(delete(budget_usage))
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+async def test_200_concurrent_calls_against_100_allow_exactly_100(engine: AsyncEngine) -> None:
+    stage = BudgetStage([rule(limit=100)], engine)
+    decisions = await asyncio.gather(*(stage(call()) for _ in range(200)))
+    assert sum(d is None for d in decisions) == 100
+    denied = [d for d in decisions if d is not None]
+    assert len(denied) == 100
+    reason = denied[0].reasons[0]
+    assert reason.policy == "budget/b"
+    assert "budget b exceeded: limit 100 per 1d, 0 left, resets at " in reason.reason
+    assert denied[0].retry_after_s is not None and 0 < denied[0].retry_after_s <= 86400
+    rows = await usage(engine, stage.rules)
+    assert [(r["subject"], r["used"]) for r in rows] == [("user=alice", 100)]
+
+
+async def test_argument_cost_is_a_spending_cap(engine: AsyncEngine) -> None:
+    stage = BudgetStage([rule(limit=1000, cost="args.amount")], engine)
+    assert await stage(c := call(amount=600)) is None
+    assert c.budget is not None and c.budget["charged"][0]["remaining"] == 400
+    over = await stage(call(amount=401))
+    assert over is not None and "400 left" in over.reasons[0].reason
+    assert await stage(call(amount=400)) is None
+    bad = await stage(call(amount="lots"))
+    assert (
+        bad is not None
+        and bad.reasons[0].policy == "budget-cost"
+        and "args.amount" not in bad.reasons[0].reason
+    )
+    assert (await stage(call(amount=-5))) is not None
+
+
+async def test_several_budgets_consume_all_or_none(engine: AsyncEngine) -> None:
+    small = rule(name="small", limit=3)
+    big = rule(name="big", limit=100, per=["tool"])
+    stage = BudgetStage([big, small], engine)
+    results = [await stage(call()) for _ in range(5)]
+    assert [r is None for r in results] == [True, True, True, False, False]
+    used = {r["budget"]: r["used"] for r in await usage(engine, stage.rules)}
+    assert used == {"big": 3, "small": 3}, "a denied call must not consume the budgets it passed"
+
+
+async def test_windows_roll_over(engine: AsyncEngine) -> None:
+    stage = BudgetStage([rule(limit=2, window="2s")], engine)
+    assert await stage(call()) is None
+    assert await stage(call()) is None
+    assert await stage(call()) is not None
+    await asyncio.sleep(2.05)
+    assert await stage(call()) is None
+
+
+async def test_match_and_per_dimensions(engine: AsyncEngine) -> None:
+    only_transfer = rule(name="t", limit=1, match={"tools": ["pay/transfer"], "groups": ["developers"]})
+    stage = BudgetStage([only_transfer], engine)
+    assert await stage(call("balance")) is None
+    assert await stage(call("balance")) is None, "other tools are not counted"
+    bob = Principal(sub="bob", issuer="test", groups=frozenset({"developers"}))
+    outsider = Principal(sub="eve", issuer="test", groups=frozenset({"guests"}))
+    assert await stage(call()) is None
+    assert await stage(call()) is not None
+    assert await stage(call(principal=bob)) is None, "per user"
+    assert await stage(call(principal=outsider)) is None and await stage(call(principal=outsider)) is None
+
+
+async def test_delegation_charges_the_delegator(engine: AsyncEngine) -> None:
+    per_agent = rule(name="agents", limit=2, per=["agent"])
+    stage = BudgetStage([per_agent], engine)
+    planner = Principal(sub="alice", issuer="test", agent="planner", delegation_chain=("planner",))
+    worker = Principal(sub="alice", issuer="test", agent="worker", delegation_chain=("worker", "planner"))
+    assert await stage(call(principal=worker)) is None
+    assert await stage(call(principal=worker)) is None
+    denied = await stage(call(principal=planner))
+    assert denied is not None, "the sub-agent's two calls used up its delegator's budget"
+    subjects = {r["subject"]: r["used"] for r in await usage(engine, stage.rules)}
+    assert subjects == {"agent=planner": 2, "agent=worker": 2}
+
+
+async def test_dry_run_peeks_without_consuming(engine: AsyncEngine) -> None:
+    stage = BudgetStage([rule(limit=1)], engine)
+    probe = call()
+    probe.dry_run = True
+    assert await stage(probe) is None
+    assert probe.budget is not None and probe.budget["charged"][0]["dry_run"] is True
+    assert await usage(engine, stage.rules) == []
+    assert await stage(call()) is None
+    probe = call()
+    probe.dry_run = True
+    assert await stage(probe) is not None, "a dry run reports the budget as exhausted"
+
+
+async def test_refund(engine: AsyncEngine) -> None:
+    stage = BudgetStage([rule(limit=1, refund_on_upstream_failure=True)], engine)
+    first = call()
+    assert await stage(first) is None
+    await stage.refund(first)
+    assert await stage(call()) is None, "the refunded unit can be spent again"
+
+
+# Through real gateways ---------------------------------------------------------------------------
+
+ECHO_BUDGET = {
+    "name": "echo-limit",
+    "match": {"tools": ["demo/echo"]},
+    "per": ["user"],
+    "limit": 100,
+    "window": "1d",
+}
+
+
+def modern_call(msg_id: int, text: str = "hi") -> dict[str, Any]:
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    return {
+        "jsonrpc": "2.0",
+        "id": msg_id,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": text}, "_meta": meta},
+    }
+
+
+def headers(token: str) -> dict[str, str]:
+    return {
+        "authorization": f"Bearer {token}",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "echo",
+    }
+
+
+async def fire(urls_and_tokens: list[tuple[str, str]], n: int) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as http:
+
+        async def one(i: int) -> dict[str, Any]:
+            url, tok = urls_and_tokens[i % len(urls_and_tokens)]
+            r = await http.post(f"{url}/mcp/demo", json=modern_call(i), headers=headers(tok))
+            assert r.status_code == 200, r.text
+            return r.json()["result"]  # type: ignore[no-any-return]
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_gateway_200_concurrent_calls_allow_exactly_100(
+    upstream_url: str, data_dir: Path, dev_key: Any, tmp_path: Path
+) -> None:
+
+    cfg = make_config(
+        data_dir,
+        {"demo": upstream_url},
+        free_port(),
+        budgets=[ECHO_BUDGET],
+        state={"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+    )
+    async with running_gateway(cfg) as (base, gw):
+        tok = dev_key.mint("budget-user", audience=f"{base}/mcp/demo", groups=["developers"])
+        results = await fire([(base, tok)], 200)
+        allowed = [r for r in results if not r["isError"]]
+        denied = [r for r in results if r["isError"]]
+        assert len(allowed) == 100 and len(denied) == 100
+        assert denied[0]["content"][0]["text"].startswith(
+            "denied by policy budget/echo-limit: budget echo-limit exceeded"
+        )
+        assert gw.store is not None
+        rows = [r async for r in gw.store.iter_records(user="budget-user")]
+        assert len(rows) == 200
+        charged = [r for r in rows if r.decision["effect"] == "allow"]
+        assert all(r.budget and r.budget["charged"][0]["budget"] == "echo-limit" for r in charged)
+        assert max(r.budget["charged"][0]["used"] for r in charged if r.budget) == 100
+
+
+async def test_unreachable_upstream_refunds(data_dir: Path, dev_key: Any, tmp_path: Path) -> None:
+
+    refunding = ECHO_BUDGET | {"limit": 1, "refund_on_upstream_failure": True}
+    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    cfg = make_config(
+        data_dir,
+        {"demo": dead},
+        free_port(),
+        budgets=[refunding],
+        state={"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+    )
+    async with running_gateway(cfg) as (base, gw):
+        tok = dev_key.mint("refund-user", audience=f"{base}/mcp/demo", groups=["developers"])
+        async with httpx.AsyncClient(timeout=10) as http:
+            for i in range(3):
+                r = await http.post(f"{base}/mcp/demo", json=modern_call(i), headers=headers(tok))
+                assert r.status_code == 502, "the upstream is down"
+        assert gw.state is not None
+        rows = await usage(gw.state, cfg.budgets, user="refund-user")
+        assert rows == [] or rows[0]["used"] == 0, "every failed call was refunded"
+
+
+@pytest.mark.skipif(not PG, reason="BASTION_TEST_PG not set: two-process PostgreSQL budget test skipped")
+async def test_two_gateway_processes_share_one_budget(
+    upstream_url: str, data_dir: Path, dev_key: Any, tmp_path: Path
+) -> None:
+
+    assert PG is not None
+    eng = await open_state(PG)
+    async with eng.begin() as conn:
+        await conn.execute(delete(budget_usage).where(budget_usage.c.budget == "echo-limit"))
+    await eng.dispose()
+    procs, targets = [], []
+    try:
+        for i in range(2):
+            port = free_port()
+            cfg = {
+                "listen": {"port": port},
+                "identity": {
+                    "issuers": [{"issuer": "bastion-dev", "jwks_file": str(data_dir / "dev-jwks.json")}]
+                },
+                "policy": {"dir": str(POLICIES)},
+                "upstreams": {"demo": {"url": upstream_url}},
+                "budgets": [ECHO_BUDGET],
+                "state": {"url": PG},
+                "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / f'audit{i}.db'}"},
+                "data_dir": str(tmp_path / f"data{i}"),
+            }
+            path = tmp_path / f"bastion{i}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "gateway.cli",
+                    "serve",
+                    "--config",
+                    str(path),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+            base = f"http://127.0.0.1:{port}"
+            targets.append(
+                (base, dev_key.mint("pg-user", audience=f"{base}/mcp/demo", groups=["developers"]))
+            )
+        async with httpx.AsyncClient(timeout=2) as http:
+            for base, _ in targets:
+                for _ in range(200):
+                    try:
+                        if (await http.get(f"{base}/readyz")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.1)
+        results = await fire(targets, 200)
+        assert sum(not r["isError"] for r in results) == 100
+    finally:
+        for proc in procs:
+            proc.terminate()
+            await proc.wait()
