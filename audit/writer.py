@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from audit.store import AuditStore, AuditStoreError
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+RELINK_ATTEMPTS = 8
+"""Re-links after losing a race for the next `seq` (two processes misconfigured with one name)."""
 """A completion whose batch failed is tried again with later batches this many times; if it
 never lands, the row stays `pending` and is recorded as `interrupted` at the next start."""
 
@@ -218,7 +221,7 @@ class AuditWriter:
         retry, self._retry = self._retry, []
         items = retry + batch
         try:
-            for attempt in (1, 2):
+            for attempt in range(1, RELINK_ATTEMPTS + 1):
                 instances = {self._instance_of(i) for i in items} - {None}
                 for instance in instances - self._heads.keys():
                     assert instance is not None
@@ -231,12 +234,13 @@ class AuditWriter:
                     await self._store.apply(inserts, completions, checkpoints)
                     break
                 except AuditStoreError:
-                    if attempt == 2:
+                    if attempt == RELINK_ATTEMPTS:
                         raise
                     # Another process may have extended a chain under the same instance name
                     # (its seq is then taken): re-read the heads and link the batch again.
                     for instance in instances:
                         self._heads.pop(str(instance), None)
+                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))  # let the other writer finish
         except asyncio.CancelledError:
             self._fail(batch, AuditStoreError("audit writer cancelled before commit"))
             raise

@@ -100,7 +100,7 @@ def render(run: Run) -> str:
             cpu = res.cpu_ms_per_call
             cells = [f"{cpu[k]:.2f}" if k in cpu else "" for k in ("load generator", "upstream", "bastion")]
             lines.append(f"| ({LABELS[key]}) | {' | '.join(cells)} |")
-    lines += ["", "Targets at C = 16 on this 2-core machine:", "", *_verdict(run)]
+    lines += ["", f"Targets at C = {run.concurrency} (set for C = 16) on this machine:", "", *_verdict(run)]
     if run.notes:
         lines += ["", *(f"- {note}" for note in run.notes)]
     if run.micro:

@@ -30,6 +30,7 @@ from gateway import metrics
 from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
+from gateway.fronts.http_api import HTTPToolAPI, openapi_json
 from gateway.fronts.mcp import MCPFront
 from gateway.fronts.sessions import SessionSigner, load_or_create_secret
 from gateway.health import readiness
@@ -244,8 +245,29 @@ def build_app(gw: Gateway) -> Starlette:
             }
         )
 
+    api: list[HTTPToolAPI] = []  # built on first use: the MCP front exists once the gateway started
+
+    def http_api() -> HTTPToolAPI:
+        if not api:
+            api.append(HTTPToolAPI(gw.mcp))
+        return api[0]
+
+    async def tool_calls(request: Request) -> Response:
+        return await http_api().tool_calls(request)
+
+    async def decisions(request: Request) -> Response:
+        return await http_api().decisions(request)
+
+    spec = openapi_json(gw.base_url)
+
+    async def openapi(request: Request) -> Response:
+        return Response(spec, media_type="application/json")
+
     routes = [
         Route("/mcp/{upstream}", mcp, methods=["GET", "POST", "DELETE"]),
+        Route("/v1/tool-calls", tool_calls, methods=["POST"]),
+        Route("/v1/decisions", decisions, methods=["POST"]),
+        Route("/openapi.json", openapi),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", prometheus),

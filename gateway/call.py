@@ -17,7 +17,7 @@ from audit.record import new_id
 
 Effect = Literal["allow", "deny", "transform", "approval_required"]
 Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt"]
-OutcomeStatus = Literal["completed", "failed", "timeout", "denied", "error"]
+OutcomeStatus = Literal["completed", "failed", "timeout", "denied", "error", "decided"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,16 @@ class Pipeline:
     def elapsed_ms(call: ToolCall) -> float:
         return round((time.perf_counter() - call.started) * 1000, 3)
 
+    async def admit(self, call: ToolCall) -> Decision:
+        """Decide, then make the decision durable: a pending record for a call about to be
+        forwarded, the final record for a refused one. Every front calls this, whatever its wire."""
+        decision = await self.decide(call)
+        if decision.allowed:
+            decision = await self.begin(call, decision)  # write-ahead, before forwarding
+        if not decision.allowed:
+            await self.finish(call, decision, Outcome("denied", self.elapsed_ms(call)))
+        return decision
+
     async def begin(self, call: ToolCall, decision: Decision) -> Decision:
         """Make an allowed call's decision durable as a `pending` record before it is forwarded.
 

@@ -17,7 +17,9 @@ def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Pa
     assert a is not None and b is not None
     assert (a.calls, a.errors, b.calls, b.errors) == (8, 0, 8, 0)
     assert len(b.latencies_ms) == 8 and b.p99 >= b.p50 > 0
-    assert b.cpu_ms_per_call["bastion"] > 0 and b.cpu_ms_per_call["upstream"] > 0
+    # /proc counts CPU in clock ticks (10 ms): with 16 calls a process may not reach one.
+    assert set(b.cpu_ms_per_call) == {"load generator", "upstream", "bastion"}
+    assert all(v >= 0 for v in b.cpu_ms_per_call.values())
     c = run.scenarios["c"]
     assert c.result is not None or c.note.startswith("not available")
     names = [m.name for m in run.micro]

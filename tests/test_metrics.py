@@ -274,3 +274,23 @@ def test_dashboard_uses_only_metrics_bastion_exports() -> None:
     exported = set(metrics.REGISTRY._names_to_collectors)
     assert len(used) >= 10
     assert used <= exported, used - exported
+
+
+async def test_pii_findings_are_counted_by_entity_and_direction(
+    tmp_path: Path, dev_key: DevKey, upstream_url: str, policy_dir: Path, http: httpx.AsyncClient
+) -> None:
+    shutil.copy(dev_key.jwks_path, tmp_path / "dev-jwks.json")
+    redaction = {"entities": ["EMAIL_ADDRESS"], "default": {"arguments": "replace", "results": "replace"}}
+    cfg = make_config(tmp_path, {"demo": upstream_url}, free_port(), policy_dir, redaction=redaction)
+    async with running_gateway(cfg) as (base, _):
+        tok = dev_key.mint("dev", audience=f"{base}/mcp/demo", groups=["developers"])
+        before = await scrape(http, base)
+        body = await call(http, base, tok, "echo", {"text": "write to jane.doe@example.com"})
+        assert "jane.doe@example.com" not in json.dumps(body)
+        after = await scrape(http, base)
+    found = {"entity": "EMAIL_ADDRESS", "direction": "input"}
+    assert (
+        value(after, "bastion_pii_findings_total", **found)
+        - value(before, "bastion_pii_findings_total", **found)
+        == 1
+    )

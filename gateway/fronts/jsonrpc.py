@@ -30,14 +30,19 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def parse(body: bytes) -> Message:
-    """One JSON-RPC request, notification or response; anything else is a ProtocolError."""
+def parse_json(body: bytes) -> Any:
+    """JSON with duplicate keys refused (see the module docstring)."""
     try:
-        msg = json.loads(body, object_pairs_hook=_no_duplicates)
+        return json.loads(body, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, ProtocolError):
             raise
         raise ProtocolError("body is not valid JSON", PARSE_ERROR) from exc
+
+
+def parse(body: bytes) -> Message:
+    """One JSON-RPC request, notification or response; anything else is a ProtocolError."""
+    msg = parse_json(body)
     if isinstance(msg, list):
         raise ProtocolError("JSON-RPC batches are not accepted: send one message per request")
     if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":

@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -303,6 +304,7 @@ class MCPFront:
         )
         if x.trace_id:
             call.trace_id = x.trace_id
+        x.trace_id = call.trace_id  # started here when the client sent none; passed upstream
         if not isinstance(name, str) or not name or not isinstance(args, dict):
             await self.pipeline.refuse(
                 call, "protocol", "invalid-params", "tools/call needs a name and object arguments"
@@ -315,11 +317,8 @@ class MCPFront:
                 ),
                 media_type="application/json",
             )
-        decision = await self.pipeline.decide(call)
-        if decision.allowed:
-            decision = await self.pipeline.begin(call, decision)  # write-ahead, before forwarding
+        decision = await self.pipeline.admit(call)
         if not decision.allowed:
-            await self.pipeline.finish(call, decision, Outcome("denied", self.pipeline.elapsed_ms(call)))
             result = denied_result(decision, call.audit_id)
             if x.modern:
                 result["resultType"] = "complete"
@@ -328,6 +327,40 @@ class MCPFront:
             x.msg = {**x.msg, "params": {**x.params, "arguments": call.forward_args}}
             x.body = jsonrpc.dumps(x.msg)
         return await self._forward(x, self._audited(call, decision), call=(call, decision))
+
+    async def call_once(self, call: ToolCall, decision: Decision) -> dict[str, Any]:
+        """Forward an admitted call and return its whole, audited JSON-RPC response.
+
+        For fronts that answer in one piece (the HTTP tool API): the upstream may still stream,
+        but only its final response is kept. Upstream failures are recorded, then raised.
+        """
+        up = self.upstreams[call.upstream]
+        assert call.principal is not None
+        args = call.forward_args if call.forward_args is not None else call.arguments
+        params = {"name": call.tool, "arguments": args, "_meta": MODERN_META}
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+        x = Exchange(up, call.principal, msg, jsonrpc.dumps(msg), None, None, True, call.trace_id)
+        try:
+            reply, _ = await self._send(x)
+        except UpstreamError as err:
+            if not isinstance(err, UpstreamTimeout):
+                await self.pipeline.refund(call)  # never reached: nothing was done
+            await self._record_failure((call, decision), err)
+            raise
+        try:
+            if reply.status >= 400:
+                await reply.aclose()
+                raise UpstreamError(f"upstream answered HTTP {reply.status}")
+            answer = await first_message(reply)
+        except (UpstreamError, ValueError) as exc:
+            malformed = UpstreamError("upstream answered malformed JSON")
+            failure = exc if isinstance(exc, UpstreamError) else malformed
+            await self._record_failure((call, decision), failure, reply.status)
+            raise failure from exc
+        answer["id"] = 1
+        out = await self._audited(call, decision)(answer, jsonrpc.dumps(answer))
+        parsed: dict[str, Any] = json.loads(out)
+        return parsed
 
     def _audited(self, call: ToolCall, decision: Decision) -> Final:
         async def final(msg: dict[str, Any], raw: bytes) -> bytes:
@@ -407,7 +440,13 @@ class MCPFront:
             raw = await reply.body()
             if final is None and restore_id is None:
                 return Response(raw, reply.status, media_type="application/json", headers=passthrough)
-            msg = json.loads(raw)
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                malformed = UpstreamError("upstream answered with malformed JSON")
+                if call is not None:
+                    await self._record_failure(call, malformed, reply.status)
+                raise malformed from None
             if restore_id:
                 msg["id"] = request_id
                 _modernize(msg, x.method)
@@ -421,23 +460,27 @@ class MCPFront:
         )
 
     async def _send(self, x: Exchange) -> tuple[Reply, tuple[Any] | None]:
+        reply, restore = await self._send_in_era(x, _traceparent(x.trace_id) if x.trace_id else {})
+        return reply, restore
+
+    async def _send_in_era(self, x: Exchange, trace: dict[str, str]) -> tuple[Reply, tuple[Any] | None]:
         up = x.upstream
         era = await up.detect()
         method = x.method
         long_lived = method == "subscriptions/listen"
         if era == "modern":
             if x.modern:
-                return await up.send("POST", x.body, _mcp_headers_of(x), long_lived=long_lived), None
+                return await up.send("POST", x.body, _mcp_headers_of(x) | trace, long_lived=long_lived), None
             msg = dict(x.msg)
             if "method" in msg:
                 params = dict(x.params)
                 params["_meta"] = {**(params.get("_meta") or {}), **MODERN_META}
                 msg["params"] = params
             name = x.params.get("name") if method in ("tools/call", "prompts/get") else x.params.get("uri")
-            hdrs = up.modern_headers(method, name if isinstance(name, str) else None)
+            hdrs = up.modern_headers(method, name if isinstance(name, str) else None) | trace
             return await up.send("POST", jsonrpc.dumps(msg), hdrs, long_lived=long_lived), None
         if x.session is not None:
-            hdrs = {"mcp-protocol-version": x.session.version}
+            hdrs = {"mcp-protocol-version": x.session.version, **trace}
             if x.session.upstream_session:
                 hdrs["mcp-session-id"] = x.session.upstream_session
             return await up.send("POST", x.body, hdrs, long_lived=long_lived), None
@@ -461,7 +504,7 @@ class MCPFront:
         body = jsonrpc.dumps(msg)
         for attempt in range(2):
             shared = up.shared.id
-            hdrs = {"mcp-protocol-version": up.shared.version}
+            hdrs = {"mcp-protocol-version": up.shared.version, **trace}
             if shared:
                 hdrs["mcp-session-id"] = shared
             reply = await up.send("POST", body, hdrs, long_lived=long_lived)
@@ -671,6 +714,11 @@ def _discover_result(up: Upstream) -> dict[str, Any]:
     if up.instructions:
         result["instructions"] = up.instructions
     return result
+
+
+def _traceparent(trace_id: str) -> dict[str, str]:
+    """W3C Trace Context for the upstream: the call's trace, a new span for Bastion's hop."""
+    return {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
 
 
 def _trace_id(request: Request) -> str | None:

@@ -1,0 +1,244 @@
+"""The plain HTTP tool API, for frameworks that do not speak MCP.
+
+    POST /v1/tool-calls   {upstream, tool, arguments, call_id?}  -> decide, forward, audit
+    POST /v1/decisions    the same body                          -> decide and audit, no forwarding
+    GET  /openapi.json    the OpenAPI 3.1 document of both
+
+Both go through the same pipeline as MCP calls (identity, policy, budgets, redaction, audit);
+only the wire differs. Status codes: 200 answered, 400 bad body, 401/403 credential, 403 denied,
+429 over budget (with `Retry-After`), 502/504 upstream failed. `/v1/decisions` answers 200 with
+the decision whatever it is: the question was answered. Its allowed calls are audited with
+status `decided` (executed by the caller, outcome unknown to Bastion) and do consume budgets,
+since the caller goes on to run the tool.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.call import Decision, Outcome, Principal, ToolCall
+from gateway.errors import AuthError, BastionError, ProtocolError, UpstreamError
+from gateway.fronts.jsonrpc import parse_json
+from gateway.fronts.mcp import MCPFront
+from gateway.stages.identity import require_scopes
+
+MAX_BODY = 1024 * 1024
+_FIELDS = {"upstream", "tool", "arguments", "call_id"}
+
+
+class HTTPToolAPI:
+    def __init__(self, mcp: MCPFront) -> None:
+        self.mcp = mcp
+        self.pipeline = mcp.pipeline
+
+    async def tool_calls(self, request: Request) -> Response:
+        return await self._handle(request, forward=True)
+
+    async def decisions(self, request: Request) -> Response:
+        return await self._handle(request, forward=False)
+
+    async def _handle(self, request: Request, forward: bool) -> Response:
+        try:
+            body = await request.body()
+            if len(body) > MAX_BODY:
+                raise ProtocolError(f"request body over {MAX_BODY} bytes")
+            upstream, tool, arguments, call_id = _parse(body)
+        except BastionError as err:
+            return JSONResponse(err.to_json(), err.http_status)
+        call = ToolCall(upstream, tool, arguments, protocol="http", call_id=call_id)
+        if trace := request.headers.get("traceparent"):
+            parts = trace.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32:
+                call.trace_id = parts[1]
+        try:
+            call.principal = await self._authenticate(request, call)
+        except AuthError as err:
+            await self.pipeline.refuse(call, "identity", err.error, err.message)
+            meta = f"{self.mcp.base_url}/.well-known/oauth-protected-resource"
+            headers = {"www-authenticate": self.mcp.auth.www_authenticate(meta, err)}
+            return JSONResponse(err.to_json() | {"audit_id": call.audit_id}, err.http_status, headers=headers)
+        if upstream not in self.mcp.upstreams:
+            await self.pipeline.refuse(
+                call, "protocol", "unknown-upstream", f"no upstream named {upstream!r}"
+            )
+            return JSONResponse(
+                {
+                    "error": "not_found",
+                    "message": f"no upstream named {upstream[:100]!r}",
+                    "audit_id": call.audit_id,
+                },
+                404,
+            )
+        if not forward:
+            return await self._decide_only(call)
+        decision = await self.pipeline.admit(call)
+        if not decision.allowed:
+            return _denied(decision, call.audit_id)
+        try:
+            answer = await self.mcp.call_once(call, decision)
+        except UpstreamError as err:
+            failed = {"decision": decision.effect, "error": err.to_json(), "audit_id": call.audit_id}
+            return JSONResponse(failed, err.http_status)
+        if "error" in answer:
+            failed = {"decision": decision.effect, "error": answer["error"], "audit_id": call.audit_id}
+            return JSONResponse(failed, 502)
+        return JSONResponse(
+            {"decision": decision.effect, "result": answer.get("result"), "audit_id": call.audit_id}
+        )
+
+    async def _authenticate(self, request: Request, call: ToolCall) -> Principal:
+        principal = await self.mcp.auth.authenticate(request.headers.get("authorization"), call.upstream)
+        up = self.mcp.upstreams.get(call.upstream)
+        if up is not None:
+            require_scopes(principal, up.cfg.required_scopes)
+        return principal
+
+    async def _decide_only(self, call: ToolCall) -> Response:
+        decision = await self.pipeline.decide(call)
+        outcome = Outcome("decided" if decision.allowed else "denied", self.pipeline.elapsed_ms(call))
+        await self.pipeline.finish(call, decision, outcome)
+        body: dict[str, Any] = {
+            "decision": decision.effect,
+            "reasons": [r.to_json() for r in decision.reasons],
+            "stage": decision.stage,
+            "policy_version": decision.policy_version,
+            "audit_id": call.audit_id,
+        }
+        if decision.allowed and call.forward_args is not None:
+            body["arguments"] = call.forward_args  # what the caller may send: redacted
+        if decision.retry_after_s is not None:
+            body["retry_after_s"] = decision.retry_after_s
+        return JSONResponse(body)
+
+
+def _parse(body: bytes) -> tuple[str, str, dict[str, Any], str | None]:
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise ProtocolError("the body must be a JSON object: {upstream, tool, arguments, call_id?}")
+    if unknown := sorted(set(data) - _FIELDS):
+        raise ProtocolError(f"unknown field(s): {', '.join(unknown)[:200]}")
+    upstream, tool = data.get("upstream"), data.get("tool")
+    arguments, call_id = data.get("arguments", {}), data.get("call_id")
+    if not isinstance(upstream, str) or not upstream or len(upstream) > 64:
+        raise ProtocolError('"upstream" must be a non-empty string (an upstream name from the config)')
+    if not isinstance(tool, str) or not tool or len(tool) > 200:
+        raise ProtocolError('"tool" must be a non-empty string')
+    if not isinstance(arguments, dict):
+        raise ProtocolError('"arguments" must be an object')
+    if call_id is not None and (not isinstance(call_id, str) or not 0 < len(call_id) <= 200):
+        raise ProtocolError('"call_id" must be a string of 1 to 200 characters')
+    return upstream, tool, arguments, call_id
+
+
+def _denied(decision: Decision, audit_id: str) -> Response:
+    body = {
+        "decision": decision.effect,
+        "reasons": [r.to_json() for r in decision.reasons],
+        "stage": decision.stage,
+        "audit_id": audit_id,
+    }
+    if decision.retry_after_s is not None:
+        return JSONResponse(body, 429, headers={"retry-after": str(decision.retry_after_s)})
+    return JSONResponse(body, 403)
+
+
+_CALL_BODY = {
+    "type": "object",
+    "required": ["upstream", "tool"],
+    "additionalProperties": False,
+    "properties": {
+        "upstream": {"type": "string", "description": "an upstream name from the config"},
+        "tool": {"type": "string"},
+        "arguments": {"type": "object", "default": {}},
+        "call_id": {"type": "string", "maxLength": 200, "description": "your stable id for this call"},
+    },
+}
+_REASONS = {
+    "type": "array",
+    "items": {"type": "object", "properties": {"policy": {"type": "string"}, "reason": {"type": "string"}}},
+}
+_DENIAL = {
+    "type": "object",
+    "properties": {
+        "decision": {"const": "deny"},
+        "reasons": _REASONS,
+        "stage": {"type": "string"},
+        "audit_id": {"type": "string"},
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi(base_url: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the HTTP tool API."""
+    error = {"type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
+    common = {
+        "400": _json(error, "the body is not what the API takes; `message` says what is wrong"),
+        "401": _json(error, "no or bad credential; see WWW-Authenticate"),
+    }
+    result = {
+        "type": "object",
+        "properties": {
+            "decision": {"enum": ["allow", "transform"]},
+            "result": {"type": "object", "description": "the MCP CallToolResult"},
+            "audit_id": {"type": "string"},
+        },
+    }
+    decision = {
+        "type": "object",
+        "properties": {
+            "decision": {"enum": ["allow", "deny", "transform", "approval_required"]},
+            "reasons": _REASONS,
+            "stage": {"type": "string"},
+            "policy_version": {"type": "string"},
+            "arguments": {
+                "type": "object",
+                "description": "redacted arguments, when the decision is transform",
+            },
+            "retry_after_s": {"type": "integer"},
+            "audit_id": {"type": "string"},
+        },
+    }
+    body = {"required": True, "content": {"application/json": {"schema": _CALL_BODY}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Bastion HTTP tool API", "version": "1"},
+        "servers": [{"url": base_url}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/tool-calls": {
+                "post": {
+                    "summary": "Call a tool through Bastion: decide, forward, audit",
+                    "requestBody": body,
+                    "responses": {
+                        "200": _json(result, "allowed and answered"),
+                        **common,
+                        "403": _json(_DENIAL, "denied (by policy, scope, or a refused credential scope)"),
+                        "404": _json(error, "no such upstream"),
+                        "429": _json(_DENIAL, "over budget; Retry-After says when it resets"),
+                        "502": _json(error, "the upstream failed"),
+                        "504": _json(error, "the upstream timed out"),
+                    },
+                }
+            },
+            "/v1/decisions": {
+                "post": {
+                    "summary": "Decide only: Bastion as a policy decision point",
+                    "requestBody": body,
+                    "responses": {"200": _json(decision, "the decision"), **common},
+                }
+            },
+        },
+    }
+
+
+def openapi_json(base_url: str) -> bytes:
+    return json.dumps(openapi(base_url)).encode()
