@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -200,21 +200,23 @@ class BudgetStage:
         return states
 
     async def _charge(self, conn: AsyncConnection, c: Charge) -> int | None:
-        key = and_(
-            budget_usage.c.budget == c.rule.name,
-            budget_usage.c.subject == c.subject,
-            budget_usage.c.window_start == c.window_start,
+        """One statement: create the window's counter, or add to it only while within the limit."""
+        if c.cost > c.rule.limit:
+            return None
+        t = budget_usage.c
+        row = {"budget": c.rule.name, "subject": c.subject, "window_start": c.window_start, "used": c.cost}
+        stmt = (
+            self._insert(budget_usage)
+            .values(row)
+            .on_conflict_do_update(
+                index_elements=[t.budget, t.subject, t.window_start],
+                set_={"used": t.used + c.cost},
+                where=t.used + c.cost <= c.rule.limit,
+            )
+            .returning(t.used)
         )
-        new_row = {"budget": c.rule.name, "subject": c.subject, "window_start": c.window_start, "used": 0}
-        await conn.execute(self._insert(budget_usage).values(new_row).on_conflict_do_nothing())
-        result = await conn.execute(
-            update(budget_usage)
-            .where(key, budget_usage.c.used + c.cost <= c.rule.limit)
-            .values(used=budget_usage.c.used + c.cost)
-            .returning(budget_usage.c.used)
-        )
-        row = result.first()
-        return None if row is None else int(row[0])
+        result = (await conn.execute(stmt)).first()
+        return None if result is None else int(result[0])
 
     async def _used(self, c: Charge) -> int:
         async with self.engine.connect() as conn:
