@@ -30,6 +30,7 @@ from gateway import metrics
 from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
+from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.http_api import HTTPToolAPI, openapi_json
 from gateway.fronts.mcp import MCPFront
 from gateway.fronts.sessions import SessionSigner, load_or_create_secret
@@ -92,7 +93,7 @@ class Gateway:
             redactor = Redactor(cfg.redaction, load_or_create_secret(key_path))
         await self.auth.start()
         self.tool_schemas = schemas = await self._discover_tools()
-        self.policy = PolicyEngine.load(cfg.policy, schemas)
+        self.policy = PolicyEngine.load(cfg.policy, schemas, [b.name for b in cfg.budgets])
         for warning in self.policy.warnings:
             log.warning("policy: %s", warning)
         metrics.POLICY_VERSION.labels(self.policy.version).set(1)
@@ -123,9 +124,11 @@ class Gateway:
         self.state = await open_state(cfg.state.url)
         # Policy first (cheap, in memory, most often says no), then budgets: nothing is charged
         # for a call that policy refuses.
-        stages: list[Stage] = [PolicyStage(self._policy, self.settings_for)]
-        if cfg.budgets:
-            stages.append(BudgetStage(cfg.budgets, self.state))
+        budgets = BudgetStage(cfg.budgets, self.state) if cfg.budgets else None
+        view = budgets.view if budgets else None  # context.budget, read only when a policy uses it
+        stages: list[Stage] = [PolicyStage(self._policy, self.settings_for, view)]
+        if budgets is not None:
+            stages.append(budgets)
         if redactor is not None:
             # The argument scan precedes policy: Cedar's context.pii needs its findings. The
             # arguments themselves are transformed after every stage (Pipeline.decide).
@@ -144,7 +147,11 @@ class Gateway:
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
         if cfg.policy.watch:
             self.policy_watcher = PolicyWatcher(
-                cfg.policy, lambda: self.tool_schemas, self.install_policy, lambda: self._policy().version
+                cfg.policy,
+                lambda: self.tool_schemas,
+                self.install_policy,
+                lambda: self._policy().version,
+                [b.name for b in cfg.budgets],
             )
             self.policy_watcher.start()
 
@@ -263,8 +270,16 @@ def build_app(gw: Gateway) -> Starlette:
     async def openapi(request: Request) -> Response:
         return Response(spec, media_type="application/json")
 
+    admin: list[AdminAPI] = []
+
+    async def budgets(request: Request) -> Response:
+        if not admin:
+            admin.append(AdminAPI(gw.cfg, gw.auth, gw.state, gw.base_url))
+        return await admin[0].budgets(request)
+
     routes = [
         Route("/mcp/{upstream}", mcp, methods=["GET", "POST", "DELETE"]),
+        Route("/v1/budgets", budgets),
         Route("/v1/tool-calls", tool_calls, methods=["POST"]),
         Route("/v1/decisions", decisions, methods=["POST"]),
         Route("/openapi.json", openapi),

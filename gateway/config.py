@@ -33,6 +33,10 @@ class ListenConfig(_Strict):
     """Canonical external URL: RFC 9728 metadata and default token audiences. Default http://host:port."""
     allowed_origins: list[str] = []
     """Browser origins allowed to call Bastion besides its own (DNS-rebinding defence)."""
+    max_body_bytes: int = Field(1_048_576, gt=0, le=64 * 1_048_576)
+    """Largest request body accepted; a bigger one is refused with 413."""
+    max_json_depth: int = Field(64, ge=2, le=512)
+    """Deepest nesting of objects/arrays accepted in a request body; deeper is refused with 400."""
 
     @property
     def base_url(self) -> str:
@@ -131,6 +135,31 @@ class PolicyConfig(_Strict):
 class ToolSettings(_Strict):
     risk: Literal["read", "write", "external"] = "read"
     tags: list[str] = []
+    idempotent: bool = False
+    """Safe to run more than once: only such tools are retried, or re-run on a repeated call_id."""
+    timeout_s: float | None = Field(None, gt=0)
+    """Deadline for this tool's calls (default: the upstream's timeout_s, which it may not exceed)."""
+
+
+class RetryConfig(_Strict):
+    """Retries of failed calls to tools marked `idempotent: true` (never any other tool)."""
+
+    attempts: int = Field(3, ge=1, le=10)
+    """Tries in all, the first one included."""
+    backoff_s: float = Field(0.2, ge=0, le=60)
+    """Wait before the first retry; doubled for each further retry (with jitter)."""
+    budget_ratio: float = Field(0.2, gt=0, le=1)
+    """Retry budget: retries may add at most this share of calls to the upstream ..."""
+    budget_min: int = Field(3, ge=0, le=1000)
+    """... plus this many, so that a quiet upstream can still be retried."""
+
+
+class BreakerConfig(_Strict):
+    """Circuit breaker per upstream: open after `failures` consecutive failed calls; after
+    `reset_s` one probe call is let through (half-open) and its outcome closes or re-opens it."""
+
+    failures: int = Field(5, ge=1, le=10_000)
+    reset_s: float = Field(30, gt=0, le=86_400)
 
 
 class OAuthClientConfig(_Strict):
@@ -166,6 +195,10 @@ class UpstreamConfig(_Strict):
     """Scopes a caller's token must carry to use this upstream; else 403 insufficient_scope."""
     timeout_s: float = Field(30, gt=0)
     connect_timeout_s: float = Field(5, gt=0)
+    retries: RetryConfig | None = None
+    """Retries for tools marked idempotent (see docs/upstreams.md); none when unset."""
+    breaker: BreakerConfig | None = None
+    """Circuit breaker for this upstream; none when unset."""
     tools: dict[str, ToolSettings] = {}
     command: str | None = None
     args: list[str] = []
@@ -186,6 +219,12 @@ class UpstreamConfig(_Strict):
             raise ValueError("transport stdio needs command")
         if self.transport == "http":
             raise ValueError("transport 'http' is not supported yet; use streamable-http or stdio")
+        for name, tool in self.tools.items():
+            if tool.timeout_s is not None and tool.timeout_s > self.timeout_s:
+                raise ValueError(
+                    f"tools.{name}.timeout_s ({tool.timeout_s:g}) exceeds the upstream's timeout_s "
+                    f"({self.timeout_s:g}): raise the upstream's timeout_s"
+                )
         return self
 
 
@@ -325,8 +364,26 @@ class RedactionConfig(_Strict):
         return list(dict.fromkeys(v))
 
 
+class AdminConfig(_Strict):
+    """Who may use the admin API (`/v1/budgets`): verified principals in these groups or subjects.
+
+    Both empty (the default) disables the admin API: it answers 403 to everyone."""
+
+    groups: list[str] = []
+    subjects: list[str] = []
+
+
 class StateConfig(_Strict):
     url: str = "sqlite+aiosqlite:///./bastion-state.db"
+
+
+class IdempotencyConfig(_Strict):
+    """Repeated call_ids (docs/http-api.md): a non-idempotent tool never runs twice for one."""
+
+    ttl_s: float = Field(86_400, gt=0, le=30 * 86_400)
+    """How long a call_id is remembered."""
+    max_result_bytes: int = Field(262_144, ge=0, le=16 * 1_048_576)
+    """Largest first response kept to answer repeats with; 0 keeps none (repeats get a reference)."""
 
 
 class LoggingConfig(_Strict):
@@ -342,6 +399,24 @@ class SessionsConfig(_Strict):
     max_age_s: float = Field(86400, gt=0)
 
 
+class PinningConfig(_Strict):
+    """Tool pinning (rug-pull defence, docs/security.md)."""
+
+    mode: Literal["tofu", "enforce", "auto_approve", "off"] = "tofu"
+    """`tofu`: a tool seen for the first time is approved unless its scan flags it; any later change
+    waits for `bastion tools approve`. `enforce`: every new or changed tool waits. `auto_approve`
+    (development): unflagged changes are approved too. `off`: nothing is pinned or held back."""
+    max_description_chars: int = Field(2048, gt=0)
+    """A description (or schema text) longer than this is flagged."""
+    refresh_s: float = Field(2.0, gt=0, le=3600)
+    """How long a replica trusts its in-memory copy of the pins before re-reading the state DB."""
+
+
+class McpConfig(_Strict):
+    namespace_separator: str = Field("__", pattern=r"^[A-Za-z0-9_.-]{1,8}$")
+    """Between upstream and tool name on the aggregated `/mcp` endpoint: `<upstream>__<tool>`."""
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     identity: IdentityConfig = IdentityConfig()
@@ -352,7 +427,11 @@ class Config(_Strict):
     upstreams: dict[Annotated[str, Field(pattern=_NAME)], UpstreamConfig] = {}
     audit: AuditConfig = AuditConfig()
     state: StateConfig = StateConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    admin: AdminConfig = AdminConfig()
     sessions: SessionsConfig = SessionsConfig()
+    pinning: PinningConfig = PinningConfig()
+    mcp: McpConfig = McpConfig()
     logging: LoggingConfig = LoggingConfig()
     data_dir: Path = Path(".bastion")
     """Where generated keys (dev signing key, session secret, audit HMAC key) are kept."""
@@ -364,6 +443,16 @@ class Config(_Strict):
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"budget names must be unique: {', '.join(dupes)}")
         return v
+
+    @model_validator(mode="after")
+    def _separator_not_in_upstream_names(self) -> Config:
+        sep = self.mcp.namespace_separator
+        if clash := sorted(n for n in self.upstreams if sep in n):
+            raise ValueError(
+                f"mcp.namespace_separator {sep!r} appears in upstream name(s) {', '.join(clash)}: "
+                "rename them or choose another separator"
+            )
+        return self
 
 
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from audit.record import PENDING, SCHEMA_VERSION, AuditRecord, args_hmac, shape_of
 from audit.store import AuditStoreError
@@ -53,15 +55,29 @@ class PolicyStage:
     name = "policy"
 
     def __init__(
-        self, engine: Callable[[], PolicyEngine], settings: Callable[[str, str], ToolSettings]
+        self,
+        engine: Callable[[], PolicyEngine],
+        settings: Callable[[str, str], ToolSettings],
+        budget_view: Callable[[ToolCall], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._engine = engine
         self._settings = settings
+        self._budget_view = budget_view
 
     async def __call__(self, call: ToolCall) -> Decision | None:
         if call.principal is None:
             return Decision.deny("identity", "unauthenticated", "no verified principal")
-        return self._engine().decide(
+        engine = self._engine()
+        budget = None
+        if engine.uses_budget and self._budget_view is not None:
+            # Read only when some policy reads `context.budget`: one query per matching budget.
+            try:
+                budget = await self._budget_view(call)
+            except SQLAlchemyError as exc:
+                return Decision.deny(
+                    "policy", "budget-unavailable", f"budget state unavailable: {type(exc).__name__}"
+                )
+        return engine.decide(
             call.principal,
             call.action,
             call.upstream,
@@ -69,6 +85,7 @@ class PolicyStage:
             call.arguments,
             self._settings(call.upstream, call.tool),
             pii=call.pii_input,
+            budget=budget,
         )
 
 

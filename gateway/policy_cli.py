@@ -82,7 +82,8 @@ def _tool_schemas(path: str) -> dict[str, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    policy = _config(args.config).policy
+    cfg = _config(args.config)
+    policy = cfg.policy
     if args.dir:
         directory = Path(args.dir)
         policy = policy.model_copy(
@@ -92,7 +93,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         policy = policy.model_copy(update={"schema_file": Path(args.schema)})
     tools = _tool_schemas(args.tools) if args.tools else {}
     try:
-        engine = PolicyEngine.load(policy, tools)
+        engine = PolicyEngine.load(policy, tools, [b.name for b in cfg.budgets])
     except ConfigError as err:
         print(err.message, file=sys.stderr)
         return 1

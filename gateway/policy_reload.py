@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +87,10 @@ class PolicyWatcher:
         tool_schemas: Callable[[], Mapping[str, Mapping[str, Any]]],
         install: Callable[[PolicyEngine], None],
         active_version: Callable[[], str | None],
+        budget_names: Sequence[str] = (),
     ) -> None:
         self._cfg = cfg
+        self._budget_names = tuple(budget_names)
         self._tool_schemas = tool_schemas
         self._install = install
         self._active_version = active_version
@@ -140,7 +142,9 @@ class PolicyWatcher:
 
     async def _reload(self) -> bool:
         try:
-            engine = await asyncio.to_thread(PolicyEngine.load, self._cfg, dict(self._tool_schemas()))
+            engine = await asyncio.to_thread(
+                PolicyEngine.load, self._cfg, dict(self._tool_schemas()), self._budget_names
+            )
         except ConfigError as exc:
             self.failures += 1
             self.error = exc.message

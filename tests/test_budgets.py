@@ -302,3 +302,39 @@ async def test_two_gateway_processes_share_one_budget(
         for proc in procs:
             proc.terminate()
             await proc.wait()
+
+
+async def test_policies_see_the_remaining_budget(
+    upstream_url: str, data_dir: Path, dev_key: Any, tmp_path: Path, policy_dir: Path
+) -> None:
+    """A policy can demand more when a budget runs low: here it forbids the last 10%."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for f in ("schema.cedarschema", "demo.cedar"):
+        (policies / f).write_text((policy_dir / f).read_text())
+    (policies / "low-budget.cedar").write_text(
+        '@id("keep-a-reserve")\n@reason("less than 10% of the echo budget is left")\n'
+        'forbid (principal, action == Action::"call_tool", resource)\n'
+        'when { context.budget has "echo-limit" && context.budget["echo-limit"].remaining * 10 '
+        '< context.budget["echo-limit"].limit };\n'
+    )
+    budget = ECHO_BUDGET | {"limit": 20}
+    cfg = make_config(
+        data_dir,
+        {"demo": upstream_url},
+        free_port(),
+        policies,
+        budgets=[budget],
+        state={"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+    )
+    async with running_gateway(cfg) as (base, gw):
+        assert gw.policy is not None and gw.policy.uses_budget
+        tok = dev_key.mint("reserve-user", audience=f"{base}/mcp/demo", groups=["developers"])
+        results: list[dict[str, Any]] = []
+        for _ in range(26):  # one at a time: each call sees the budget the previous one left
+            results += await fire([(base, tok)], 1)
+        texts = [r["content"][0]["text"] for r in results if r["isError"]]
+        assert sum(not r["isError"] for r in results) == 19, (
+            "remaining 2 of 20 is under 10%: the 19th call is the last"
+        )
+        assert texts[0] == "denied by policy keep-a-reserve: less than 10% of the echo budget is left"

@@ -33,6 +33,7 @@ async def api_gateway(
         policy_dir,
         budgets=[ECHO_BUDGET],
         state={"url": f"sqlite+aiosqlite:///{state}"},
+        admin={"groups": ["ops"]},
     )
     async with running_gateway(cfg) as running:
         yield running
@@ -191,3 +192,19 @@ async def test_openapi_document(api_gateway: tuple[str, Gateway]) -> None:
     assert spec["openapi"].startswith("3.1")
     assert set(spec["paths"]) == {"/v1/tool-calls", "/v1/decisions"}
     assert "429" in spec["paths"]["/v1/tool-calls"]["post"]["responses"]
+
+
+async def test_admin_budgets_view(api_gateway: tuple[str, Gateway], api_token: Callable[..., str]) -> None:
+    base, _ = api_gateway
+    tok = api_token("budget-view-user")
+    await post(base, "/v1/tool-calls", tok, {"upstream": "demo", "tool": "echo", "arguments": {"text": "x"}})
+    async with httpx.AsyncClient() as http:
+        anonymous = await http.get(f"{base}/v1/budgets")
+        agent = await http.get(f"{base}/v1/budgets", headers={"authorization": f"Bearer {tok}"})
+        ops = {"authorization": f"Bearer {api_token('operator', ('ops',))}"}
+        view = await http.get(f"{base}/v1/budgets", params={"user": "budget-view-user"}, headers=ops)
+    assert anonymous.status_code == 401
+    assert agent.status_code == 403 and "not an admin" in agent.json()["message"]
+    assert view.status_code == 200
+    (row,) = view.json()["budgets"]
+    assert row["budget"] == "api-echo" and row["subject"] == "user=budget-view-user" and row["used"] == 1

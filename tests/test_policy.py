@@ -20,7 +20,7 @@ from gateway.cedar_context import (
 )
 from gateway.config import PolicyConfig, ToolSettings
 from gateway.errors import ConfigError
-from gateway.stages.policy import PolicyEngine
+from gateway.stages.policy import PolicyEngine, budget_context_type
 
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 REPO_SCHEMA = (REPO_POLICIES / "schema.cedarschema").read_text()
@@ -521,6 +521,6 @@ def test_tool_args_type_generation() -> None:
         assert expected in text, expected
     for left_out in ('"amount"', '"blob"', '"mixed"', '"rows"'):
         assert left_out not in text
-    cedarpy.Schema.from_str(REPO_SCHEMA + text)
+    cedarpy.Schema.from_str(REPO_SCHEMA + text + budget_context_type(()))
     assert args_type_from_input_schemas({}) == "type ToolArgs = {};\n"
-    cedarpy.Schema.from_str(REPO_SCHEMA + args_type_from_input_schemas({}))
+    cedarpy.Schema.from_str(REPO_SCHEMA + args_type_from_input_schemas({}) + budget_context_type(["a-b"]))

@@ -14,7 +14,7 @@ from gateway.config import PolicyConfig
 from gateway.errors import ConfigError
 from gateway.policy_cases import CaseError, discover, load_suite, run_suite
 from gateway.policy_entities import load_entities
-from gateway.stages.policy import PolicyEngine
+from gateway.stages.policy import PolicyEngine, budget_context_type
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 SCHEMA_TEXT = (POLICIES / "schema.cedarschema").read_text()
@@ -189,7 +189,8 @@ def test_bad_entities_files_are_refused(tmp_path: Path, doc: str, message: str) 
     path = tmp_path / "entities.json"
     path.write_text(doc)
     with pytest.raises(ValueError, match=message):
-        load_entities(path, cedarpy.Schema.from_str(SCHEMA_TEXT + "type ToolArgs = {};"))
+        schema = SCHEMA_TEXT + "type ToolArgs = {};" + budget_context_type(())
+        load_entities(path, cedarpy.Schema.from_str(schema))
     shutil.copy(POLICIES / "schema.cedarschema", tmp_path / "schema.cedarschema")
     (tmp_path / "p.cedar").write_text(PERMIT)
     with pytest.raises(ConfigError, match=message):

@@ -173,6 +173,22 @@ class BudgetStage:
         call.budget = {"charged": states, "exceeded": None}
         return None
 
+    async def view(self, call: ToolCall) -> dict[str, Any]:
+        """`context.budget` for Cedar: per matching budget, its tightest counter before this call."""
+        if call.principal is None:
+            return {}
+        try:
+            charges = self.charges(call, time.time())
+        except ValueError:
+            return {}
+        view: dict[str, Any] = {}
+        for c in charges:
+            used = await self._used(c)
+            state = {"remaining": max(0, c.rule.limit - used), "limit": c.rule.limit, "used": used}
+            if c.rule.name not in view or state["remaining"] < view[c.rule.name]["remaining"]:
+                view[c.rule.name] = state
+        return view
+
     async def _peek(self, charges: list[Charge]) -> list[dict[str, Any]]:
         """What consuming would do, without consuming (for `bastion explain`)."""
         states = []

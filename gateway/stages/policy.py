@@ -51,6 +51,14 @@ _ACTION_REF = re.compile(r'Action::"[^"]*"')
 _EVAL_ERROR = re.compile(r"^error while evaluating policy `([^`]*)`: (.*)$", re.S)
 _TICKED = re.compile(r"`([^`]*)`")
 _TOOLARGS_DEF = re.compile(r"(?:^|[\s;{}])type\s+ToolArgs\s*=")
+_BUDGET_DEF = re.compile(r"(?:^|[\s;{}])type\s+BudgetContext\s*=")
+_BUDGET_STATE = "type BudgetState = { remaining: Long, limit: Long, used: Long };\n"
+
+
+def budget_context_type(names: Iterable[str]) -> str:
+    """`context.budget`'s Cedar type: one optional `BudgetState` per configured budget name."""
+    fields = ", ".join(f'"{n}"?: BudgetState' for n in sorted(set(names)))
+    return _BUDGET_STATE + f"type BudgetContext = {{ {fields} }};\n"
 _CACHE_MAX = 4096
 
 
@@ -251,6 +259,8 @@ class PolicyEngine:
         self._tz = tz
         self._arg_types = arg_types
         self._base_entities = base_entities
+        self.uses_budget = False
+        """Whether a policy reads `context.budget` (only then is the budget state looked up)."""
         # Bounded caches, emptied when full: plain dicts stay safe if decisions run in threads.
         self._sets: dict[tuple[str, str, str], cedarpy.PolicySet] = {}
         self._sets_by_ids: dict[tuple[str, ...], cedarpy.PolicySet] = {}
@@ -259,11 +269,17 @@ class PolicyEngine:
     # Loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, cfg: PolicyConfig, tool_schemas: Mapping[str, Mapping[str, Any]] = {}) -> PolicyEngine:
+    def load(
+        cls,
+        cfg: PolicyConfig,
+        tool_schemas: Mapping[str, Mapping[str, Any]] = {},
+        budget_names: Iterable[str] = (),
+    ) -> PolicyEngine:
         """Read, parse and validate every `*.cedar` under `cfg.dir`; any problem is a ConfigError.
 
         `tool_schemas` maps `<upstream>/<tool>` to the tool's MCP `inputSchema`: they give
         `context.args` its Cedar type (`ToolArgs`) and the per-tool argument types.
+        `budget_names` (the configured budgets) give `context.budget` its type (`BudgetContext`).
         """
         directory = cfg.dir
         if not directory.is_dir():
@@ -282,6 +298,8 @@ class PolicyEngine:
         if not _TOOLARGS_DEF.search(_code_only(user_schema)):
             args_record = tool_args_record(tool_schemas)
             tool_args = f"type ToolArgs = {render_record(args_record)};\n"
+        if not _BUDGET_DEF.search(_code_only(user_schema)):
+            tool_args += budget_context_type(budget_names)
         try:
             schema = cedarpy.Schema.from_str(user_schema.rstrip() + "\n\n" + tool_args)
         except ValueError as exc:
@@ -323,6 +341,7 @@ class PolicyEngine:
             raise ConfigError("invalid policy set:\n  " + "\n  ".join(e for _, e in sorted(errors)))
 
         arg_types = {key: arg_types_from_input_schema(s) for key, s in tool_schemas.items()}
+        uses_budget = any("context.budget" in chunk.text for chunk, _, _ in parsed)
         engine = cls(
             version=digest.hexdigest()[:16],
             policies=[info for _, info, _ in parsed],
@@ -332,6 +351,7 @@ class PolicyEngine:
             warnings=[w for _, w in sorted(warnings)],
             base_entities=base_entities,
         )
+        engine.uses_budget = uses_budget
         try:
             for key in list(tool_schemas)[: _CACHE_MAX // 4]:
                 upstream, _, tool = key.partition("/")
@@ -430,10 +450,12 @@ class PolicyEngine:
         settings: ToolSettings,
         now: datetime | None = None,
         pii: Iterable[str] = (),
+        budget: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Evaluate one request. Anything but a clean Allow is a deny that says why.
 
-        `pii`: the entity types redaction found in the arguments (`context.pii`)."""
+        `pii`: the entity types redaction found in the arguments (`context.pii`); `budget`: per
+        matching budget, `{remaining, limit, used}` before this call (`context.budget`)."""
         key = f"{upstream}/{tool}"
         try:
             clean = sanitize_args(args, self._arg_types.get(key))
@@ -452,6 +474,7 @@ class PolicyEngine:
             "risk": settings.risk,
             "time": {"hour": local.hour, "weekday": local.isoweekday()},
             "pii": sorted(pii),
+            "budget": dict(budget or {}),
         }
         request = {
             "principal": {"type": "User", "id": principal.sub},

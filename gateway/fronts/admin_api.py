@@ -1,0 +1,52 @@
+"""The admin API: operational views for the people who run Bastion, not for agents.
+
+    GET /v1/budgets[?user=U]   current-window budget usage (as `bastion budgets show`)
+
+A caller must present a valid token (audience: the gateway's public URL) of a principal listed
+in `admin.groups` or `admin.subjects`; with neither configured, the admin API is closed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.config import Config
+from gateway.errors import AuthError
+from gateway.stages.budget import usage
+from gateway.stages.identity import Authenticator
+
+
+class AdminAPI:
+    def __init__(self, cfg: Config, auth: Authenticator, state: AsyncEngine | None, base_url: str) -> None:
+        self.cfg = cfg
+        self.auth = auth
+        self.state = state
+        self.base_url = base_url
+
+    async def _admin(self, request: Request) -> Response | None:
+        """None when the caller is an admin; otherwise the 401/403 to answer."""
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+        except AuthError as err:
+            meta = f"{self.base_url}/.well-known/oauth-protected-resource"
+            headers = {"www-authenticate": self.auth.www_authenticate(meta, err)}
+            return JSONResponse(err.to_json(), err.http_status, headers=headers)
+        admin = self.cfg.admin
+        if principal.sub in admin.subjects or principal.groups.intersection(admin.groups):
+            return None
+        why = (
+            "not an admin (admin.groups / admin.subjects)"
+            if admin.groups or admin.subjects
+            else ("the admin API is closed: no admin.groups or admin.subjects are configured")
+        )
+        return JSONResponse({"error": "forbidden", "message": why}, 403)
+
+    async def budgets(self, request: Request) -> Response:
+        if (refused := await self._admin(request)) is not None:
+            return refused
+        if self.state is None or not self.cfg.budgets:
+            return JSONResponse({"budgets": []})
+        user = request.query_params.get("user")
+        return JSONResponse({"budgets": await usage(self.state, self.cfg.budgets, user)})
