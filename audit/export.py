@@ -106,7 +106,7 @@ def _cell(value: Any) -> Any:
 
 
 _SEVERITY = {"deny": (3, "Medium"), "approval_required": (2, "Low")}
-_FAILED = {"failed", "timeout", "error", "interrupted"}
+_FAILED = {"failed", "timeout", "error", "interrupted", "dead_letter"}
 
 
 def ocsf_event(doc: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +203,7 @@ def ocsf_event(doc: dict[str, Any]) -> dict[str, Any]:
                 "seq",
                 "schema_version",
                 "protocol",
+                "client",
                 "delegation_chain",
                 "args_redacted",
                 "args_hmac",

@@ -36,6 +36,7 @@ class AuditRecord:
     agent: str | None
     delegation_chain: list[str] = field(default_factory=list)
     protocol: str
+    client: str | None = None
     upstream: str
     tool: str
     action: str
@@ -85,7 +86,9 @@ class AuditRecord:
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
 _FIELD_SET = frozenset(_FIELDS)
 _REQUIRED = tuple(
-    n for n in _FIELDS if n not in {"schema_version", "delegation_chain", "seq", "prev_hash", "hash"}
+    n
+    for n in _FIELDS
+    if n not in {"schema_version", "delegation_chain", "client", "seq", "prev_hash", "hash"}
 )
 
 

@@ -14,9 +14,11 @@ import socket
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,17 +33,22 @@ from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.admin_api import AdminAPI
+from gateway.fronts.aggregate import AggregateFront
 from gateway.fronts.http_api import HTTPToolAPI, openapi_json
 from gateway.fronts.mcp import MCPFront
 from gateway.fronts.sessions import SessionSigner, load_or_create_secret
-from gateway.health import readiness
+from gateway.health import circuits, readiness
+from gateway.idempotency import CallRegistry
+from gateway.pinning import PinningStage, ToolPins
 from gateway.pipeline import Pipeline, PolicyStage, Stage
 from gateway.policy_reload import PolicyWatcher
 from gateway.stages.budget import BudgetStage
 from gateway.stages.identity import Authenticator
 from gateway.stages.policy import PolicyEngine
 from gateway.state import open_state
+from gateway.taint import SessionTaint, TaintStage
 from gateway.upstreams.base import Upstream
+from gateway.upstreams.http_tools import HTTPToolsUpstream
 from gateway.upstreams.stdio import StdioUpstream
 from gateway.upstreams.streamable_http import StreamableHTTPUpstream
 
@@ -61,7 +68,11 @@ class Gateway:
         self.cfg = cfg
         self.base_url = cfg.listen.base_url
         self.upstreams: dict[str, Upstream] = {
-            name: StdioUpstream(name, u) if u.transport == "stdio" else StreamableHTTPUpstream(name, u)
+            name: StdioUpstream(name, u)
+            if u.transport == "stdio"
+            else HTTPToolsUpstream(name, u)
+            if u.transport == "http"
+            else StreamableHTTPUpstream(name, u)
             for name, u in cfg.upstreams.items()
         }
         self.auth = Authenticator(cfg.identity, self.base_url, list(cfg.upstreams), state_url=cfg.state.url)
@@ -72,6 +83,10 @@ class Gateway:
         self.store: AuditStore | None = None
         self.writer: AuditWriter | None = None
         self.state: AsyncEngine | None = None
+        self.pins: ToolPins | None = None
+        self.discovered_tools: dict[str, list[dict[str, Any]]] = {}
+        """Each upstream's tool definitions as listed at start-up (pinned once the state DB is open)."""
+        self._rechecked: dict[str, tuple[float, bool]] = {}
         self._mcp: MCPFront | None = None
 
     @property
@@ -133,7 +148,17 @@ class Gateway:
             # The argument scan precedes policy: Cedar's context.pii needs its findings. The
             # arguments themselves are transformed after every stage (Pipeline.decide).
             stages.insert(0, redactor)
-        pipeline = Pipeline(stages, self.writer, instance=instance, hmac_key=hmac_key, redactor=redactor)
+        taint = SessionTaint(self.state, cfg.pinning.refresh_s)
+        stages.insert(0, TaintStage(taint))  # context.session.tainted, read before policy
+        self.pins = ToolPins(self.state, cfg.pinning)
+        if self.pins.enabled:
+            for name, tools in self.discovered_tools.items():
+                await self.pins.observe(name, tools)
+            # Pinning before everything: a quarantined tool is refused before its arguments are scanned.
+            stages.insert(0, PinningStage(self.pins, self.recheck_tools))
+        pipeline = Pipeline(
+            stages, self.writer, instance=instance, hmac_key=hmac_key, redactor=redactor, taint=taint
+        )
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(
             self.upstreams,
@@ -143,7 +168,11 @@ class Gateway:
             self.allowed_tools,
             self.base_url,
             cfg.listen.allowed_origins,
+            pins=self.pins if self.pins.enabled else None,
+            recheck=self.recheck_tools,
         )
+        self._mcp.calls = CallRegistry(self.state, cfg.idempotency, hmac_key)
+        self._mcp.max_body, self._mcp.max_depth = cfg.listen.max_body_bytes, cfg.listen.max_json_depth
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
         if cfg.policy.watch:
             self.policy_watcher = PolicyWatcher(
@@ -187,6 +216,29 @@ class Gateway:
             principal, upstream, names, lambda t: self.settings_for(upstream, t)
         )
 
+    async def recheck_tools(self, upstream: str) -> bool:
+        """List an upstream's tools again and pin what changed (an unknown tool was called, or the
+        upstream said `notifications/tools/list_changed`). At most once per `pinning.refresh_s`.
+
+        Returns whether the upstream could be listed (the last time it was tried).
+        """
+        up = self.upstreams.get(upstream)
+        now = asyncio.get_running_loop().time()
+        last = self._rechecked.get(upstream)
+        if up is None or self.pins is None:
+            return False
+        if last is not None and now - last[0] < self.cfg.pinning.refresh_s:
+            return last[1]
+        self._rechecked[upstream] = (now, True)
+        try:
+            tools = await asyncio.wait_for(up.list_tools(), DISCOVERY_TIMEOUT_S)
+            await self.pins.observe(upstream, tools)
+        except (BastionError, TimeoutError, ValueError, KeyError, SQLAlchemyError) as exc:
+            log.warning("upstream %s: could not re-check its tool pins (%s)", upstream, exc)
+            self._rechecked[upstream] = (now, False)
+            return False
+        return True
+
     async def _discover_tools(self) -> dict[str, Any]:
         """Each upstream's tool input schemas, so policies can be validated against `context.args`.
 
@@ -203,6 +255,7 @@ class Gateway:
 
         ups = list(self.upstreams.values())
         found = await asyncio.gather(*(one(u) for u in ups))
+        self.discovered_tools = {up.name: tools for up, tools in zip(ups, found, strict=True) if tools}
         return {
             f"{up.name}/{t['name']}": t.get("inputSchema") or {}
             for up, tools in zip(ups, found, strict=True)
@@ -215,6 +268,13 @@ def build_app(gw: Gateway) -> Starlette:
     async def mcp(request: Request) -> Response:
         return await gw.mcp(request)
 
+    aggregate: list[AggregateFront] = []  # built on first use, like the HTTP tool API below
+
+    async def mcp_all(request: Request) -> Response:
+        if not aggregate:
+            aggregate.append(AggregateFront(gw.mcp, gw.cfg.mcp.namespace_separator))
+        return await aggregate[0](request)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -223,6 +283,7 @@ def build_app(gw: Gateway) -> Starlette:
         if gw.writer is not None:
             metrics.AUDIT_BACKLOG.set(gw.writer.pending)
         body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+        body["circuits"] = circuits(gw)
         if gw.policy_watcher is not None:
             # A refused reload leaves a complete, validated set serving: readiness stays 200 (pulling
             # every replica that saw the same bad file would turn a typo into an outage).
@@ -242,15 +303,24 @@ def build_app(gw: Gateway) -> Starlette:
         resource = f"{gw.base_url}/mcp/{upstream}" if upstream else gw.base_url
         covered = [gw.cfg.upstreams[upstream]] if upstream else list(gw.cfg.upstreams.values())
         scopes = {*gw.cfg.identity.scopes_supported, *(s for u in covered for s in u.required_scopes)}
-        return JSONResponse(
-            {
-                "resource": resource,
-                "authorization_servers": [i.issuer for i in gw.cfg.identity.issuers],
-                "scopes_supported": sorted(scopes),
-                "bearer_methods_supported": ["header"],
-                "resource_name": f"Bastion: {upstream}" if upstream else "Bastion",
-            }
-        )
+        metadata: dict[str, Any] = {
+            "resource": resource,
+            "scopes_supported": sorted(scopes),
+            "bearer_methods_supported": ["header"],
+            "resource_name": f"Bastion: {upstream}" if upstream else "Bastion",
+        }
+        # RFC 9728 §2: issuer identifiers are URLs; clients (mcp-remote) crash on anything else,
+        # such as the offline dev issuer, so those are left out (the member is optional).
+        issuers = [i.issuer for i in gw.cfg.identity.issuers]
+        servers = [i for i in issuers if urlsplit(i).scheme in ("https", "http")]
+        if servers:
+            metadata["authorization_servers"] = servers
+        return JSONResponse(metadata)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        """Unknown paths get JSON: clients probe OAuth/OIDC discovery URLs and parse the answer."""
+        why = f"no such endpoint: {request.url.path[:200]}"
+        return JSONResponse({"error": "not_found", "message": why}, 404)
 
     api: list[HTTPToolAPI] = []  # built on first use: the MCP front exists once the gateway started
 
@@ -279,6 +349,7 @@ def build_app(gw: Gateway) -> Starlette:
 
     routes = [
         Route("/mcp/{upstream}", mcp, methods=["GET", "POST", "DELETE"]),
+        Route("/mcp", mcp_all, methods=["GET", "POST", "DELETE"]),
         Route("/v1/budgets", budgets),
         Route("/v1/tool-calls", tool_calls, methods=["POST"]),
         Route("/v1/decisions", decisions, methods=["POST"]),
@@ -289,7 +360,7 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/.well-known/oauth-protected-resource", resource_metadata),
         Route("/.well-known/oauth-protected-resource/mcp/{upstream}", resource_metadata),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={404: not_found})
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -17,7 +17,9 @@ from audit.record import new_id
 
 Effect = Literal["allow", "deny", "transform", "approval_required"]
 Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt"]
-OutcomeStatus = Literal["completed", "failed", "timeout", "denied", "error", "decided"]
+OutcomeStatus = Literal[
+    "completed", "failed", "timeout", "denied", "error", "decided", "dead_letter", "duplicate"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,12 @@ class ToolCall:
     action: Action = "call_tool"
     principal: Principal | None = None
     call_id: str | None = None
+    client: str | None = None
+    """The framework the caller declared (`X-Bastion-Client`), unverified; for the audit record."""
+    session: str | None = None
+    """The client's MCP session id, when it has one (taint is tracked per session)."""
+    session_tainted: bool = False
+    """An earlier result in this session carried prompt injection: Cedar's `context.session.tainted`."""
     trace_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     audit_id: str = field(default_factory=new_id)
     dry_run: bool = False

@@ -139,6 +139,22 @@ class ToolSettings(_Strict):
     """Safe to run more than once: only such tools are retried, or re-run on a repeated call_id."""
     timeout_s: float | None = Field(None, gt=0)
     """Deadline for this tool's calls (default: the upstream's timeout_s, which it may not exceed)."""
+    # A tool of a `transport: http` upstream is declared here in full (docs/upstreams.md):
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    """JSON Schema of the arguments; calls whose arguments do not match are refused."""
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] | None = None
+    path: str | None = Field(None, pattern=r"^/")
+    """URL template appended to the upstream's url: `/customers/{id}` (values are percent-encoded)."""
+    query: dict[str, str] = {}
+    """Query parameters: name -> template (`"{limit}"`); left out when their arguments are absent."""
+    body: Any = None
+    """JSON body template: `"{arg}"` strings become the argument's value. Default for POST/PUT/PATCH:
+    the arguments not used by path or query."""
+
+    @property
+    def declared(self) -> bool:
+        return self.method is not None or self.path is not None or bool(self.query) or self.body is not None
 
 
 class RetryConfig(_Strict):
@@ -218,7 +234,15 @@ class UpstreamConfig(_Strict):
         if self.transport == "stdio" and not self.command:
             raise ValueError("transport stdio needs command")
         if self.transport == "http":
-            raise ValueError("transport 'http' is not supported yet; use streamable-http or stdio")
+            if not self.url:
+                raise ValueError("transport http needs url (the REST API's base URL)")
+            if undeclared := [n for n, t in self.tools.items() if not (t.method and t.path)]:
+                raise ValueError(f"transport http: tools {', '.join(undeclared)} need method and path")
+        elif declared := [n for n, t in self.tools.items() if t.declared or t.input_schema or t.description]:
+            raise ValueError(
+                f"tools {', '.join(declared)}: method, path, query, body, description and input_schema "
+                "are only for transport http"
+            )
         for name, tool in self.tools.items():
             if tool.timeout_s is not None and tool.timeout_s > self.timeout_s:
                 raise ValueError(
@@ -384,6 +408,9 @@ class IdempotencyConfig(_Strict):
     """How long a call_id is remembered."""
     max_result_bytes: int = Field(262_144, ge=0, le=16 * 1_048_576)
     """Largest first response kept to answer repeats with; 0 keeps none (repeats get a reference)."""
+    mcp_sessions: bool = True
+    """Derive call_ids for legacy MCP sessions (session + request id); each such call then costs two
+    state-DB commits. Off: only calls that carry `_meta["bastion/call_id"]` are checked."""
 
 
 class LoggingConfig(_Strict):

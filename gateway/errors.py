@@ -6,10 +6,14 @@
     │   └── InsufficientScope 403, error="insufficient_scope" and the scope needed
     ├── ForbiddenError       403: a foreign Origin, a session presented by another principal
     ├── ProtocolError        400: not one JSON-RPC message, duplicate keys, header/body mismatch
+    │   └── PayloadTooLarge  413: a body over listen.max_body_bytes
     ├── SessionError         400 missing / 404 unknown or expired MCP session
     ├── UpstreamError        502: the tool server failed or could not be reached
-    │   └── UpstreamTimeout  504
-    └── AuditUnavailable     503: the audit store cannot record, so nothing is forwarded
+    │   ├── UpstreamTimeout  504
+    │   ├── CircuitOpen      503: the upstream's breaker is open, the call was not sent
+    │   └── DeadLetter       502/504: an idempotent call failed on every retry
+    ├── AuditUnavailable     503: the audit store cannot record, so nothing is forwarded
+    └── PinsUnavailable      503: the tool pins (state DB) cannot be read, so no tool is listed
 
 Third-party exceptions (httpx, cedarpy, SQLAlchemy, pyjwt) are translated where they are called,
 chained with `raise ... from exc`, so a front maps one tree to the wire in one place.
@@ -79,6 +83,11 @@ class ProtocolError(BastionError):
         self.jsonrpc_code = jsonrpc_code
 
 
+class PayloadTooLarge(ProtocolError):
+    code = "payload_too_large"
+    http_status = 413
+
+
 class SessionError(BastionError):
     code = "session"
     http_status = 404
@@ -100,7 +109,37 @@ class UpstreamTimeout(UpstreamError):
     http_status = 504
 
 
+class CircuitOpen(UpstreamError):
+    """Failing fast: the upstream failed too often lately; nothing was sent to it."""
+
+    code = "circuit_open"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadLetter(UpstreamError):
+    """An idempotent call that failed on every attempt it was allowed; `last` is the final failure."""
+
+    code = "upstream_dead_letter"
+
+    def __init__(self, message: str, last: UpstreamError, attempts: int, upstream_status: int | None) -> None:
+        super().__init__(message)
+        self.last = last
+        self.attempts = attempts
+        self.upstream_status = upstream_status
+        self.http_status = last.http_status
+
+
 class AuditUnavailable(BastionError):
     code = "audit_unavailable"
     http_status = 503
     jsonrpc_code = -32004
+
+
+class PinsUnavailable(BastionError):
+    code = "pins_unavailable"
+    http_status = 503
+    jsonrpc_code = -32005

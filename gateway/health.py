@@ -51,3 +51,14 @@ async def readiness(gw: Gateway) -> tuple[bool, dict[str, str]]:
         checks["state"] = await _probe(_ping_state(gw))
     ok = gw.policy is not None and all(v == "ok" for k, v in checks.items() if k != "policy")
     return ok, checks
+
+
+def circuits(gw: Gateway) -> dict[str, str]:
+    """Each upstream's circuit breaker: closed, open, half-open, or none (no breaker configured).
+
+    Informational: an open circuit does not make the replica unready (every replica would see
+    the same upstream down, and pulling them all would turn one failing tool into an outage)."""
+    front = gw._mcp
+    if front is None:
+        return {}
+    return {name: guard.state or "none" for name, guard in sorted(front.guards.items())}

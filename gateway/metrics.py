@@ -52,6 +52,12 @@ UPSTREAM_ERRORS = Counter(
     ["upstream", "kind"],
     registry=REGISTRY,
 )
+UPSTREAM_RETRIES = Counter(
+    "bastion_upstream_retries",
+    "Retries of idempotent tool calls after an upstream failure, per upstream",
+    ["upstream"],
+    registry=REGISTRY,
+)
 INFLIGHT = Gauge(
     "bastion_inflight_calls",
     "Tool calls being governed or forwarded right now",

@@ -36,6 +36,7 @@ from gateway.call import Decision, Outcome, Reason, ToolCall
 from gateway.config import ToolSettings
 from gateway.errors import AuditUnavailable
 from gateway.stages.policy import PolicyEngine
+from gateway.taint import SessionTaint, check_result
 
 if TYPE_CHECKING:
     from gateway.redaction.stage import Redactor
@@ -86,6 +87,7 @@ class PolicyStage:
             self._settings(call.upstream, call.tool),
             pii=call.pii_input,
             budget=budget,
+            session_tainted=call.session_tainted,
         )
 
 
@@ -98,10 +100,13 @@ class Pipeline:
         instance: str,
         hmac_key: bytes,
         redactor: Redactor | None = None,
+        taint: SessionTaint | None = None,
     ) -> None:
         self.stages = tuple(stages)
         self.redactor = redactor
         """Also one of `stages` (the argument scan, before policy); kept here for the later steps."""
+        self.taint = taint
+        """Results are scanned for prompt injection, which taints the session (None: not scanned)."""
         self._writer = writer
         self._instance = instance
         self._hmac_key = hmac_key
@@ -146,10 +151,17 @@ class Pipeline:
     async def redact_result(
         self, call: ToolCall, decision: Decision, result: dict[str, Any]
     ) -> tuple[dict[str, Any] | None, Decision]:
-        """The tool result to return instead (None: as is) and the decision to record for the call."""
-        if self.redactor is None:
-            return None, decision
-        return await self.redactor.redact_result(call, decision, result)
+        """The tool result to return instead (None: as is) and the decision to record for the call.
+
+        Redaction first; then the injection scan of what the client will see (findings taint the
+        session and are added to the recorded decision)."""
+        redacted = None
+        if self.redactor is not None:
+            redacted, decision = await self.redactor.redact_result(call, decision, result)
+        if self.taint is not None:
+            shown = result if redacted is None else redacted
+            decision = await check_result(self.taint, call, decision, shown)
+        return redacted, decision
 
     async def refund(self, call: ToolCall) -> None:
         """The upstream could not be reached: stages that charged the call may give it back."""
@@ -246,6 +258,7 @@ class Pipeline:
             agent=p.agent if p else None,
             delegation_chain=list(p.delegation_chain) if p else [],
             protocol=call.protocol,
+            client=call.client,
             upstream=call.upstream,
             tool=call.tool,
             action=call.action,

@@ -45,6 +45,7 @@ _ACTIONS = frozenset(get_args(Action))
 _SUITE_KEYS = frozenset({"policies", "schema", "entities", "timezone", "tools", "principals", "cases"})
 _CASE_KEYS = frozenset(
     {"name", "principal", "agent", "action", "tool", "args", "time", "expect", "policies", "reason"}
+    | {"session"}
 )
 _PRINCIPAL_KEYS = frozenset({"sub", "groups", "roles", "tenant", "email", "claims"})
 _AGENT_KEYS = frozenset({"id", "chain", "scopes"})
@@ -69,6 +70,7 @@ class Case:
     expect: Effect
     policies: frozenset[str] | None
     reason: str | None
+    session_tainted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +310,11 @@ def load_suite(path: Path) -> Suite:
         if not isinstance(args, Mapping):
             raise CaseError(f"{where}: args must be a mapping")
         reason = raw.get("reason")
+        session = raw.get("session") or {}
+        if not isinstance(session, Mapping) or set(session) - {"tainted"}:
+            raise CaseError(f"{where}: session must be a mapping with `tainted: true|false`")
+        if not isinstance(session.get("tainted", False), bool):
+            raise CaseError(f"{where}: session.tainted must be true or false")
         upstream, _, tool_name = tool.partition("/")
         cases.append(
             Case(
@@ -325,6 +332,7 @@ def load_suite(path: Path) -> Suite:
                     frozenset(_strings(raw["policies"], f"{where}: policies")) if "policies" in raw else None
                 ),
                 reason=str(reason) if reason is not None else None,
+                session_tainted=bool(session.get("tainted", False)),
             )
         )
     return Suite(path, policy, schemas, tuple(cases))
@@ -336,7 +344,14 @@ def run_suite(suite: Suite) -> list[CaseResult]:
     results = []
     for case in suite.cases:
         decision = engine.decide(
-            case.principal, case.action, case.upstream, case.tool, case.args, case.settings, now=case.time
+            case.principal,
+            case.action,
+            case.upstream,
+            case.tool,
+            case.args,
+            case.settings,
+            now=case.time,
+            session_tainted=case.session_tainted,
         )
         problems = []
         if decision.effect != case.expect:

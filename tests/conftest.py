@@ -10,7 +10,8 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ def make_config(
             for name, url in upstreams.items()
         },
         "audit": {"url": f"sqlite+aiosqlite:///{data_dir / 'audit.db'}"},
+        "state": {"url": f"sqlite+aiosqlite:///{data_dir / 'state.db'}"},  # pins: never the repo's cwd
         "data_dir": str(data_dir),
         **extra,
     }
@@ -185,6 +187,25 @@ async def running_gateway(cfg: Config) -> AsyncIterator[tuple[str, Gateway]]:
         await task
         await gw.stop()
         sock.close()
+
+
+_DEAD: list[socket.socket] = []
+
+
+def dead_url() -> str:
+    """An upstream URL on a port that is bound but never listens: connections are refused, and
+    no other server of the test run can take the port while the session lasts."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    _DEAD.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_dead_sockets() -> Iterator[None]:
+    yield
+    while _DEAD:
+        _DEAD.pop().close()
 
 
 def free_port() -> int:

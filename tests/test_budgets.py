@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import POLICIES, free_port, make_config, running_gateway
+from conftest import POLICIES, dead_url, free_port, make_config, running_gateway
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -224,7 +224,7 @@ async def test_gateway_200_concurrent_calls_allow_exactly_100(
 async def test_unreachable_upstream_refunds(data_dir: Path, dev_key: Any, tmp_path: Path) -> None:
 
     refunding = ECHO_BUDGET | {"limit": 1, "refund_on_upstream_failure": True}
-    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    dead = dead_url()
     cfg = make_config(
         data_dir,
         {"demo": dead},

@@ -42,7 +42,7 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"budgets": [{"name": "b", "limit": 1, "window": "1w"}]}, "budgets.0.window: Value error, window"),
         ({"budgets": [{"name": "b", "limit": 1, "window": "1d", "cost": "amount"}]}, "budgets.0.cost"),
         ({"budgets": [{"name": "b", "limit": 1, "window": "1d"}] * 2}, "budget names must be unique: b"),
-        ({"upstreams": {"a": {"transport": "http", "url": "http://x"}}}, "transport 'http' is not supported"),
+        ({"upstreams": {"a": {"transport": "http"}}}, "upstreams.a: Value error, transport http needs url"),
         ({"upstreams": {"a": {"transport": "stdio"}}}, "upstreams.a: Value error, transport stdio needs"),
     ],
 )

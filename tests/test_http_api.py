@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, make_config, running_gateway
+from conftest import dead_url, free_port, make_config, running_gateway
 
 from gateway.app import Gateway
 
@@ -172,7 +172,7 @@ async def test_missing_token_is_401_and_audited(api_gateway: tuple[str, Gateway]
 async def test_unreachable_upstream_is_502_and_recorded(
     data_dir: Path, policy_dir: Path, dev_key: Any
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    dead = dead_url()
     cfg = make_config(data_dir, {"demo": dead}, free_port(), policy_dir)
     async with running_gateway(cfg) as (base, gw):
         tok = dev_key.mint("dead-user", audience=base, groups=["developers"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, make_config, running_gateway
+from conftest import dead_url, free_port, make_config, running_gateway
 from prometheus_client.parser import text_string_to_metric_families
 from test_spine import modern_call, modern_headers
 
@@ -93,7 +93,7 @@ async def test_unreachable_upstream_counts_as_upstream_error(
     tmp_path: Path, dev_key: DevKey, policy_dir: Path, http: httpx.AsyncClient
 ) -> None:
     shutil.copy(dev_key.jwks_path, tmp_path / "dev-jwks.json")
-    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    dead = dead_url()
     cfg = make_config(tmp_path, {"legacy": dead}, free_port(), policy_dir)
     async with running_gateway(cfg) as (base, _):
         tok = dev_key.mint("dev", audience=f"{base}/mcp/legacy", groups=["developers"])

@@ -59,7 +59,8 @@ async def call(base: str, token: str, tool: str, args: dict[str, Any]) -> tuple[
         Client(streamable_http_client(f"{base}/mcp/demo", http_client=hc), mode="2026-07-28") as client,
     ):
         result = await client.call_tool(tool, args)
-    return bool(result.is_error), result.structured_content
+    # a denial of a tool whose outputSchema it cannot fit carries the decision in _meta only
+    return bool(result.is_error), result.structured_content or (result.meta or {}).get("bastion/decision")
 
 
 def mint(

@@ -21,12 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.call import Decision, Outcome, Principal, ToolCall
-from gateway.errors import AuthError, BastionError, ProtocolError, UpstreamError
+from gateway.errors import AuthError, BastionError, CircuitOpen, ProtocolError, UpstreamError
+from gateway.fronts.client_info import client_name
 from gateway.fronts.jsonrpc import parse_json
-from gateway.fronts.mcp import MCPFront
+from gateway.fronts.mcp import MCPFront, _read_body
+from gateway.idempotency import DuplicateCall, IdempotencyUnavailable
 from gateway.stages.identity import require_scopes
 
-MAX_BODY = 1024 * 1024
 _FIELDS = {"upstream", "tool", "arguments", "call_id"}
 
 
@@ -43,13 +44,12 @@ class HTTPToolAPI:
 
     async def _handle(self, request: Request, forward: bool) -> Response:
         try:
-            body = await request.body()
-            if len(body) > MAX_BODY:
-                raise ProtocolError(f"request body over {MAX_BODY} bytes")
-            upstream, tool, arguments, call_id = _parse(body)
+            body = await _read_body(request, self.mcp.max_body)
+            upstream, tool, arguments, call_id = _parse(body, self.mcp.max_depth)
+            client = client_name(request.headers)
         except BastionError as err:
             return JSONResponse(err.to_json(), err.http_status)
-        call = ToolCall(upstream, tool, arguments, protocol="http", call_id=call_id)
+        call = ToolCall(upstream, tool, arguments, protocol="http", call_id=call_id, client=client)
         if trace := request.headers.get("traceparent"):
             parts = trace.split("-")
             if len(parts) == 4 and len(parts[1]) == 32:
@@ -80,9 +80,16 @@ class HTTPToolAPI:
             return _denied(decision, call.audit_id)
         try:
             answer = await self.mcp.call_once(call, decision)
+        except DuplicateCall as dup:
+            return _repeat(dup, decision, call.audit_id)
+        except IdempotencyUnavailable as err:
+            return JSONResponse({**err.to_json(), "audit_id": call.audit_id}, err.http_status)
         except UpstreamError as err:
             failed = {"decision": decision.effect, "error": err.to_json(), "audit_id": call.audit_id}
-            return JSONResponse(failed, err.http_status)
+            wait = None
+            if isinstance(err, CircuitOpen):
+                wait = {"retry-after": str(max(1, round(err.retry_after_s)))}
+            return JSONResponse(failed, err.http_status, headers=wait)
         if "error" in answer:
             failed = {"decision": decision.effect, "error": answer["error"], "audit_id": call.audit_id}
             return JSONResponse(failed, 502)
@@ -115,8 +122,8 @@ class HTTPToolAPI:
         return JSONResponse(body)
 
 
-def _parse(body: bytes) -> tuple[str, str, dict[str, Any], str | None]:
-    data = parse_json(body)
+def _parse(body: bytes, max_depth: int) -> tuple[str, str, dict[str, Any], str | None]:
+    data = parse_json(body, max_depth)
     if not isinstance(data, dict):
         raise ProtocolError("the body must be a JSON object: {upstream, tool, arguments, call_id?}")
     if unknown := sorted(set(data) - _FIELDS):
@@ -132,6 +139,27 @@ def _parse(body: bytes) -> tuple[str, str, dict[str, Any], str | None]:
     if call_id is not None and (not isinstance(call_id, str) or not 0 < len(call_id) <= 200):
         raise ProtocolError('"call_id" must be a string of 1 to 200 characters')
     return upstream, tool, arguments, call_id
+
+
+def _repeat(dup: DuplicateCall, decision: Decision, audit_id: str) -> Response:
+    """A repeated call_id: the first call's result when it was kept (200), else 409 naming it."""
+    first = dup.previous
+    if first.same_call and first.response is not None:
+        try:
+            kept = json.loads(first.response)
+        except ValueError:
+            kept = None
+        if isinstance(kept, dict) and "result" in kept:
+            return JSONResponse(
+                {
+                    "decision": decision.effect,
+                    "result": kept["result"],
+                    "audit_id": audit_id,
+                    "duplicate_of": first.audit_id,
+                }
+            )
+    body = {**dup.to_json(), "duplicate_of": first.audit_id, "audit_id": audit_id}
+    return JSONResponse(body, dup.http_status)
 
 
 def _denied(decision: Decision, audit_id: str) -> Response:
@@ -189,6 +217,10 @@ def openapi(base_url: str) -> dict[str, Any]:
             "decision": {"enum": ["allow", "transform"]},
             "result": {"type": "object", "description": "the MCP CallToolResult"},
             "audit_id": {"type": "string"},
+            "duplicate_of": {
+                "type": "string",
+                "description": "set when answering a repeated call_id: the first call's audit record",
+            },
         },
     }
     decision = {
@@ -224,7 +256,10 @@ def openapi(base_url: str) -> dict[str, Any]:
                         "403": _json(_DENIAL, "denied (by policy, scope, or a refused credential scope)"),
                         "404": _json(error, "no such upstream"),
                         "429": _json(_DENIAL, "over budget; Retry-After says when it resets"),
+                        "409": _json(error, "a repeated call_id; `duplicate_of` names the first record"),
+                        "413": _json(error, "the body is over listen.max_body_bytes"),
                         "502": _json(error, "the upstream failed"),
+                        "503": _json(error, "the upstream's circuit breaker is open; see Retry-After"),
                         "504": _json(error, "the upstream timed out"),
                     },
                 }

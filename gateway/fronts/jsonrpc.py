@@ -17,6 +17,8 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 HEADER_MISMATCH = -32020
+MAX_DEPTH = 64
+"""Default of listen.max_json_depth."""
 
 Message = dict[str, Any]
 
@@ -30,19 +32,41 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def parse_json(body: bytes) -> Any:
-    """JSON with duplicate keys refused (see the module docstring)."""
+def parse_json(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """JSON with duplicate keys refused (see the module docstring), nested at most `max_depth` deep."""
+    too_deep = ProtocolError(
+        f"JSON nested deeper than {max_depth} levels (listen.max_json_depth)", INVALID_REQUEST
+    )
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as exc:
+        value = json.loads(body, object_pairs_hook=_no_duplicates)
+    except RecursionError as exc:
+        raise too_deep from exc
+    except ValueError as exc:
         if isinstance(exc, ProtocolError):
             raise
         raise ProtocolError("body is not valid JSON", PARSE_ERROR) from exc
+    if body.count(b"{") + body.count(b"[") > max_depth and _depth(value) > max_depth:
+        raise too_deep
+    return value
 
 
-def parse(body: bytes) -> Message:
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in `value` (a scalar: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+def parse(body: bytes, max_depth: int = MAX_DEPTH) -> Message:
     """One JSON-RPC request, notification or response; anything else is a ProtocolError."""
-    msg = parse_json(body)
+    msg = parse_json(body, max_depth)
     if isinstance(msg, list):
         raise ProtocolError("JSON-RPC batches are not accepted: send one message per request")
     if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":

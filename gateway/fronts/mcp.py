@@ -21,6 +21,7 @@ only the final response of a governed call is held back until its audit record i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -32,6 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from httpx_sse import ServerSentEvent
+from jsonschema.validators import validator_for
+from referencing import Registry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -41,18 +45,25 @@ from gateway.errors import (
     AuditUnavailable,
     AuthError,
     BastionError,
+    CircuitOpen,
+    DeadLetter,
     ForbiddenError,
     InsufficientScope,
+    PayloadTooLarge,
     ProtocolError,
     SessionError,
     UpstreamError,
     UpstreamTimeout,
 )
 from gateway.fronts import jsonrpc
+from gateway.fronts.client_info import client_name
 from gateway.fronts.sessions import Session, SessionSigner
+from gateway.idempotency import CallRegistry, DuplicateCall, IdempotencyUnavailable, Previous
+from gateway.pinning import ToolPins
 from gateway.pipeline import Pipeline, sha256_hex
 from gateway.stages.identity import Authenticator, require_scopes
 from gateway.upstreams.base import Upstream
+from gateway.upstreams.resilience import Delivered, FaultGuard, may_have_run, surely_not_sent
 from gateway.upstreams.streamable_http import (
     LEGACY_VERSION,
     MODERN_META,
@@ -63,7 +74,11 @@ from gateway.upstreams.streamable_http import (
 
 log = logging.getLogger("bastion.mcp")
 
-MAX_BODY = 4 * 1024 * 1024
+MAX_BODY = 1024 * 1024
+"""Default of listen.max_body_bytes."""
+MAX_OUTPUT_SCHEMAS = 10_000
+DECISION_META = "bastion/decision"
+PLACEHOLDER_CLIENT_VERSION = "0.0.0-unknown"
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 MODERN_VERSIONS = (MODERN_VERSION,)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -85,6 +100,7 @@ class Exchange:
     session_id: str | None
     modern: bool
     trace_id: str | None
+    client: str | None = None
 
     @property
     def method(self) -> str:
@@ -106,8 +122,14 @@ class MCPFront:
         allowed_tools: Callable[[Principal, str, list[str]], set[str]],
         base_url: str,
         allowed_origins: list[str],
+        pins: ToolPins | None = None,
+        recheck: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.upstreams = upstreams
+        self.pins = pins
+        """Pinned tool definitions: `tools/list` shows only approved ones (None: pinning is off)."""
+        self.recheck = recheck
+        """Lists an upstream's tools again when it announces `notifications/tools/list_changed`."""
         self.auth = auth
         self.pipeline = pipeline
         self.signer = signer
@@ -116,6 +138,15 @@ class MCPFront:
         base = urlsplit(base_url)
         self.origins = {f"{base.scheme}://{base.netloc}", *(o.rstrip("/") for o in allowed_origins)}
         self._background: set[asyncio.Task[None]] = set()
+        self.guards = {name: FaultGuard(name, up.cfg) for name, up in upstreams.items()}
+        self.max_body = MAX_BODY
+        self.max_depth = jsonrpc.MAX_DEPTH
+        """listen.max_body_bytes and listen.max_json_depth, for every front (set at start-up)."""
+        self.calls: CallRegistry | None = None
+        """Claims of call_ids, so that a repeat never runs a non-idempotent tool twice (set at start-up)."""
+        """Deadline, retries and circuit breaker per upstream, around every forwarded tools/call."""
+        self._output_schemas: dict[tuple[str, str], Any] = {}
+        """Declared `outputSchema`s seen in relayed `tools/list` results, keyed (upstream, tool)."""
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -129,9 +160,9 @@ class MCPFront:
             if origin is not None and origin.rstrip("/") not in self.origins:
                 raise ForbiddenError(f"origin {origin[:100]!r} is not allowed")
             if request.method == "POST":
-                body = await _read_body(request)
+                body = await _read_body(request, self.max_body)
                 principal = await self._authenticate(request, upstream, body)
-                msg = jsonrpc.parse(body)
+                msg = jsonrpc.parse(body, self.max_depth)
                 msg_id = msg.get("id")
                 response = await self._post(request, upstream, principal, msg, body)
             elif request.method == "GET":
@@ -156,7 +187,15 @@ class MCPFront:
 
     def _error(self, err: BastionError, msg_id: Any) -> Response:
         body = jsonrpc.error(msg_id, err.jsonrpc_code, err.message)
-        return Response(body, err.http_status, media_type="application/json")
+        response = Response(body, err.http_status, media_type="application/json")
+        if isinstance(err, CircuitOpen):
+            response.headers["retry-after"] = str(max(1, round(err.retry_after_s)))
+        return response
+
+    def guard(self, up: Upstream) -> FaultGuard:
+        if (guard := self.guards.get(up.name)) is None:
+            guard = self.guards[up.name] = FaultGuard(up.name, up.cfg)
+        return guard
 
     async def _authenticate(
         self, request: Request, upstream: Upstream, body: bytes | None
@@ -188,7 +227,7 @@ class MCPFront:
     ) -> None:
         """A tools/call refused for its credential still leaves an audit record."""
         try:
-            msg = jsonrpc.parse(body)
+            msg = jsonrpc.parse(body, self.max_depth)
         except ProtocolError:
             return
         if msg.get("method") != "tools/call":
@@ -241,6 +280,7 @@ class MCPFront:
             session_id if session else None,
             modern,
             _trace_id(request),
+            client_name(headers),
         )
 
         if method == "initialize":
@@ -265,7 +305,7 @@ class MCPFront:
     async def _initialize(self, x: Exchange) -> Response:
         up = x.upstream
         if await up.detect() == "legacy":
-            reply = await up.send("POST", x.body)
+            reply = await up.send("POST", _initialize_body(x))
             upstream_session = reply.response.headers.get("mcp-session-id")
             if reply.status != 200:
                 return Response(await reply.body(), reply.status, media_type="application/json")
@@ -300,7 +340,10 @@ class MCPFront:
             name[:200] if isinstance(name, str) else "",
             args if isinstance(args, dict) else {},
             principal=x.principal,
-            call_id=_call_id(x.msg),
+            call_id=(key := _stable_call_id(x, self.calls is not None and self.calls.cfg.mcp_sessions))
+            or _call_id(x.msg),
+            client=x.client,
+            session=x.session_id,
         )
         if x.trace_id:
             call.trace_id = x.trace_id
@@ -319,14 +362,40 @@ class MCPFront:
             )
         decision = await self.pipeline.admit(call)
         if not decision.allowed:
-            result = denied_result(decision, call.audit_id)
+            result = denied_result(
+                decision, call.audit_id, self._output_schemas.get((x.upstream.name, call.tool))
+            )
             if x.modern:
                 result["resultType"] = "complete"
             return Response(jsonrpc.result(x.msg.get("id"), result), media_type="application/json")
+        if (previous := await self._check_repeat(call, decision, key)) is not None:
+            answer = _repeat_answer(previous, x.msg.get("id"), x.modern)
+            return Response(answer, media_type="application/json")
         if call.forward_args is not None:  # redacted: the client's bytes must not be forwarded
             x.msg = {**x.msg, "params": {**x.params, "arguments": call.forward_args}}
             x.body = jsonrpc.dumps(x.msg)
         return await self._forward(x, self._audited(call, decision), call=(call, decision))
+
+    async def _check_repeat(self, call: ToolCall, decision: Decision, key: str | None) -> Previous | None:
+        """A repeated call_id of a tool not marked idempotent: recorded and answered, never run."""
+        if self.calls is None or key is None or call.principal is None:
+            return None
+        settings = self.upstreams[call.upstream].cfg.tools.get(call.tool)
+        if settings is not None and settings.idempotent:
+            return None
+        fingerprint = self.calls.fingerprint(call.upstream, call.tool, call.arguments)
+        try:
+            previous = await self.calls.claim(call.principal.key, key, fingerprint, call.audit_id)
+        except IdempotencyUnavailable as err:
+            await self.pipeline.refund(call)
+            outcome = Outcome("error", self.pipeline.elapsed_ms(call), None, err.message)
+            await self.pipeline.finish(call, decision, outcome)
+            raise
+        if previous is not None:
+            await self.pipeline.refund(call)
+            outcome = Outcome("duplicate", self.pipeline.elapsed_ms(call), None, previous.message)
+            await self.pipeline.finish(call, decision, outcome)
+        return previous
 
     async def call_once(self, call: ToolCall, decision: Decision) -> dict[str, Any]:
         """Forward an admitted call and return its whole, audited JSON-RPC response.
@@ -336,22 +405,24 @@ class MCPFront:
         """
         up = self.upstreams[call.upstream]
         assert call.principal is not None
+        if (previous := await self._check_repeat(call, decision, call.call_id)) is not None:
+            raise DuplicateCall(previous.message, previous)
         args = call.forward_args if call.forward_args is not None else call.arguments
         params = {"name": call.tool, "arguments": args, "_meta": MODERN_META}
         msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
         x = Exchange(up, call.principal, msg, jsonrpc.dumps(msg), None, None, True, call.trace_id)
         try:
-            reply, _ = await self._send(x)
+            delivered = await self.guard(up).deliver(call.tool, lambda: self._send(x))
         except UpstreamError as err:
-            if not isinstance(err, UpstreamTimeout):
-                await self.pipeline.refund(call)  # never reached: nothing was done
+            await self._not_run(call, err)
             await self._record_failure((call, decision), err)
             raise
+        reply = delivered.reply
         try:
             if reply.status >= 400:
-                await reply.aclose()
+                await delivered.aclose()
                 raise UpstreamError(f"upstream answered HTTP {reply.status}")
-            answer = await first_message(reply)
+            answer = await _whole_answer(delivered)
         except (UpstreamError, ValueError) as exc:
             malformed = UpstreamError("upstream answered malformed JSON")
             failure = exc if isinstance(exc, UpstreamError) else malformed
@@ -388,7 +459,12 @@ class MCPFront:
             try:
                 await self.pipeline.finish(call, audited, outcome)
             except AuditUnavailable as err:
-                return jsonrpc.error(msg.get("id"), err.jsonrpc_code, err.message)
+                raw = jsonrpc.error(msg.get("id"), err.jsonrpc_code, err.message)
+                if self.calls is not None:
+                    await self.calls.complete(call.audit_id, None)
+                return raw
+            if self.calls is not None and self.calls.holds(call.audit_id):
+                await self.calls.complete(call.audit_id, raw)
             return raw
 
         return final
@@ -399,26 +475,47 @@ class MCPFront:
             if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
                 return raw
             tools = [t for t in result["tools"] if isinstance(t, dict) and isinstance(t.get("name"), str)]
+            if self.pins is not None:
+                tools = await self.pins.keep_usable(x.upstream.name, tools)
             allowed = self.allowed_tools(x.principal, x.upstream.name, [t["name"] for t in tools])
             result["tools"] = [t for t in tools if t["name"] in allowed]
+            self._remember_output_schemas(x.upstream.name, result["tools"])
             if "cacheScope" in result:
                 result["cacheScope"] = "private"  # the list now depends on who asked
             return jsonrpc.dumps(msg)
 
         return final
 
+    def _remember_output_schemas(self, upstream: str, tools: list[dict[str, Any]]) -> None:
+        """Clients validate `structuredContent` against the schemas they were listed, even on errors."""
+        for tool in tools:
+            key = (upstream, tool["name"])
+            schema = tool.get("outputSchema")
+            if isinstance(schema, dict):
+                if key in self._output_schemas or len(self._output_schemas) < MAX_OUTPUT_SCHEMAS:
+                    self._output_schemas[key] = schema
+            else:
+                self._output_schemas.pop(key, None)
+
     # -- forwarding ---------------------------------------------------------------------------
 
     async def _forward(
         self, x: Exchange, final: Final | None, call: tuple[ToolCall, Decision] | None = None
     ) -> Response:
-        """Send the client's message to the upstream in the upstream's era; relay the answer."""
+        """Send the client's message to the upstream in the upstream's era; relay the answer.
+
+        A tools/call goes through the upstream's `FaultGuard` (deadline, retries, breaker),
+        which hands back the reply with its body, or its first stream event, already read."""
+        delivered: Delivered | None = None
         try:
-            reply, restore_id = await self._send(x)
+            if call is not None:
+                delivered = await self.guard(x.upstream).deliver(call[0].tool, lambda: self._send(x))
+                reply, restore_id = delivered.reply, delivered.extra
+            else:
+                reply, restore_id = await self._send(x)
         except UpstreamError as err:
             if call is not None:
-                if not isinstance(err, UpstreamTimeout):
-                    await self.pipeline.refund(call[0])  # never reached: nothing was done
+                await self._not_run(call[0], err)
                 await self._record_failure(call, err)
             raise
         if reply.status == 202:
@@ -426,7 +523,7 @@ class MCPFront:
             return Response(status_code=202)
         passthrough = {"mcp-session-id": x.session_id} if x.session_id else {}
         if reply.status >= 400:
-            body = await reply.body()
+            body = delivered.raw if delivered and delivered.raw is not None else await reply.body()
             if call is not None:
                 await self._record_failure(
                     call, UpstreamError(f"upstream answered HTTP {reply.status}"), reply.status
@@ -437,7 +534,7 @@ class MCPFront:
         request_id = x.msg.get("id")
         upstream_id = restore_id[0] if restore_id else request_id
         if not reply.is_sse:
-            raw = await reply.body()
+            raw = delivered.raw if delivered and delivered.raw is not None else await reply.body()
             if final is None and restore_id is None:
                 return Response(raw, reply.status, media_type="application/json", headers=passthrough)
             try:
@@ -454,7 +551,11 @@ class MCPFront:
             out = await final(msg, raw) if final else raw
             return Response(out, reply.status, media_type="application/json", headers=passthrough)
         return StreamingResponse(
-            self._relay(reply, request_id, upstream_id, x.method if restore_id else None, final, call),
+            self._relay(
+                delivered.events() if delivered else reply.events(),
+                request_id,
+                upstream_id, x.method if restore_id else None, final, call, x.upstream.name
+            ),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", **passthrough},
         )
@@ -516,12 +617,13 @@ class MCPFront:
 
     async def _relay(
         self,
-        reply: Reply,
+        events: AsyncIterator[ServerSentEvent],
         request_id: Any,
         upstream_id: Any,
         restore: str | None,
         final: Final | None,
         call: tuple[ToolCall, Decision] | None,
+        upstream: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Relay an upstream SSE stream event by event; hold back only the final response.
 
@@ -530,8 +632,10 @@ class MCPFront:
         """
         finished = False
         try:
-            async for event in reply.events():
+            async for event in events:
                 data = event.data
+                if upstream is not None and _LIST_CHANGED in data:
+                    self._tools_changed(upstream)
                 if final is not None or restore:
                     msg = _response_to(data, upstream_id)
                     if msg is not None:
@@ -554,18 +658,42 @@ class MCPFront:
                     self._record_failure(call, UpstreamError("the stream ended before the tool's result"))
                 )
 
+    async def _not_run(self, call: ToolCall, err: UpstreamError) -> None:
+        """Give back what a call that failed before it could run took: budget, its call_id."""
+        if not may_have_run(err):
+            await self.pipeline.refund(call)
+        if self.calls is not None and surely_not_sent(err):
+            await self.calls.release(call.audit_id)
+
     async def _record_failure(
         self, call: tuple[ToolCall, Decision], err: UpstreamError, upstream_status: int | None = None
     ) -> None:
         tool_call, decision = call
+        if self.calls is not None and self.calls.holds(tool_call.audit_id):
+            await self.calls.complete(tool_call.audit_id, None)  # it may have run: never again
         status: OutcomeStatus = "timeout" if isinstance(err, UpstreamTimeout) else "failed"
+        if isinstance(err, DeadLetter):
+            status = "dead_letter"
+            upstream_status = upstream_status or err.upstream_status
         latency = self.pipeline.elapsed_ms(tool_call)
         metrics.UPSTREAM_SECONDS.labels(tool_call.upstream).observe(latency / 1000)
         kind = "timeout" if status == "timeout" else "http" if upstream_status else "transport"
+        if isinstance(err, CircuitOpen | DeadLetter):
+            kind = err.code
         metrics.UPSTREAM_ERRORS.labels(tool_call.upstream, kind).inc()
         await self.pipeline.finish(
             tool_call, decision, Outcome(status, latency, upstream_status, err.message)
         )
+
+    def _tools_changed(self, upstream: str) -> None:
+        """The upstream announced a new tool list: re-check its pins now rather than at the next list."""
+        if self.pins is not None and self.recheck is not None:
+            recheck = self.recheck
+
+            async def run() -> None:
+                await recheck(upstream)
+
+            self._later(run())
 
     def _later(self, coro: Awaitable[None]) -> None:
         """Finish bookkeeping after the client went away (the response task is being cancelled)."""
@@ -612,6 +740,8 @@ class MCPFront:
         async def raw() -> AsyncIterator[bytes]:
             try:
                 async for chunk in reply.response.aiter_raw():
+                    if _LIST_CHANGED_RAW in chunk:
+                        self._tools_changed(upstream.name)
                     yield chunk
             except Exception as exc:
                 log.debug("GET stream from %s ended: %s", upstream.name, type(exc).__name__)
@@ -637,17 +767,49 @@ class MCPFront:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over `limit` bytes."""
+    too_large = PayloadTooLarge(f"request body over {limit} bytes (listen.max_body_bytes)")
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        raise ProtocolError(f"request body over {MAX_BODY} bytes")
+    if length is not None and not length.isdigit():
+        raise ProtocolError("Content-Length is not a number")
+    if length is not None and int(length) > limit:
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
-            raise ProtocolError(f"request body over {MAX_BODY} bytes")
+        if size > limit:
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _whole_answer(delivered: Delivered) -> dict[str, Any]:
+    """The JSON-RPC response in a delivered reply: its body, or the response event of its stream."""
+    if delivered.raw is not None:
+        msg = json.loads(delivered.raw)
+        if not isinstance(msg, dict):
+            raise UpstreamError("upstream answered something other than a JSON-RPC object")
+        return msg
+    async for event in delivered.events():
+        if event.data:
+            msg = json.loads(event.data)
+            if isinstance(msg, dict) and ("result" in msg or "error" in msg):
+                return msg
+    raise UpstreamError("upstream stream ended without a response")
+
+
+def _initialize_body(x: Exchange) -> bytes:
+    """The client's `initialize`, with a placeholder `clientInfo.version` if it sent none.
+
+    Some clients omit it; servers on the mcp 2.3 SDK refuse such an `initialize` (-32602).
+    """
+    info = x.params.get("clientInfo")
+    if isinstance(info, dict) and isinstance(info.get("version"), str):
+        return x.body
+    info = {"name": "unknown", **info} if isinstance(info, dict) else {"name": "unknown"}
+    info["version"] = PLACEHOLDER_CLIENT_VERSION
+    return jsonrpc.dumps({**x.msg, "params": {**x.params, "clientInfo": info}})
 
 
 def _check_modern_headers(headers: Any, msg: dict[str, Any]) -> None:
@@ -685,6 +847,9 @@ def _response_to(data: str, request_id: Any) -> dict[str, Any] | None:
         return msg
     return None
 
+
+_LIST_CHANGED = "notifications/tools/list_changed"
+_LIST_CHANGED_RAW = _LIST_CHANGED.encode()
 
 _CACHEABLE = frozenset(
     {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
@@ -726,13 +891,64 @@ def _trace_id(request: Request) -> str | None:
     return match.group(1) if match else None
 
 
+CALL_ID_META = "bastion/call_id"
+
+
+def _stable_call_id(x: Exchange, from_session: bool) -> str | None:
+    """A call_id that names this call and no other: the client's `_meta["bastion/call_id"]`, or
+    the legacy session with the request id (ids are unique within a session). A stateless
+    client's bare request id is not one: every new client counts from the same start."""
+    meta = x.params.get("_meta")
+    given = meta.get(CALL_ID_META) if isinstance(meta, dict) else None
+    if isinstance(given, str) and 0 < len(given) <= 200:
+        return given
+    msg_id = x.msg.get("id")
+    if not from_session or x.session_id is None or msg_id is None:
+        return None
+    return f"s-{hashlib.sha256(x.session_id.encode()).hexdigest()[:24]}-{str(msg_id)[:150]}"
+
+
+def _repeat_answer(previous: Previous, msg_id: Any, modern: bool) -> bytes:
+    """The first call's response (with this request's id) when it was kept; else a tool error."""
+    if previous.same_call and previous.response is not None:
+        try:
+            first = json.loads(previous.response)
+        except ValueError:
+            first = None
+        if isinstance(first, dict):
+            first["id"] = msg_id
+            result = first.get("result")
+            if isinstance(result, dict):
+                meta = result.get("_meta")
+                result["_meta"] = {
+                    **(meta if isinstance(meta, dict) else {}),
+                    "bastion/duplicate_of": previous.audit_id,
+                }
+            return jsonrpc.dumps(first)
+    answer: dict[str, Any] = {
+        "content": [{"type": "text", "text": previous.message}],
+        "isError": True,
+        "_meta": {"bastion/duplicate_of": previous.audit_id},
+    }
+    if modern:
+        answer["resultType"] = "complete"
+    return jsonrpc.result(msg_id, answer)
+
+
 def _call_id(msg: dict[str, Any]) -> str | None:
     msg_id = msg.get("id")
     return None if msg_id is None else str(msg_id)[:200]
 
 
-def denied_result(decision: Decision, audit_id: str) -> dict[str, Any]:
-    """A denial as a tool result the model can read and act on (not a protocol error)."""
+def denied_result(decision: Decision, audit_id: str, output_schema: Any = None) -> dict[str, Any]:
+    """A denial as a tool result the model can read and act on (not a protocol error).
+
+    The machine-readable decision is in `structuredContent` and in `_meta["bastion/decision"]`.
+    When the tool declares an `outputSchema`, `structuredContent` must conform to it: TypeScript
+    SDK v1 clients validate it even on `isError` results and would turn the denial into a
+    protocol error. Required string properties then carry the denial text; if the decision still
+    does not conform, `structuredContent` is left out and only `_meta` carries it.
+    """
     reasons = (
         "; ".join(
             f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
@@ -740,12 +956,37 @@ def denied_result(decision: Decision, audit_id: str) -> dict[str, Any]:
         )
         or "denied"
     )
-    return {
+    structured: dict[str, Any] = {
+        "decision": decision.effect,
+        "reasons": [r.to_json() for r in decision.reasons],
+        "audit_id": audit_id,
+    }
+    result: dict[str, Any] = {
         "content": [{"type": "text", "text": reasons}],
         "isError": True,
-        "structuredContent": {
-            "decision": decision.effect,
-            "reasons": [r.to_json() for r in decision.reasons],
-            "audit_id": audit_id,
-        },
+        "_meta": {DECISION_META: dict(structured)},
     }
+    if output_schema is not None:
+        fitted = _fit_to_schema(structured, reasons, output_schema)
+        if fitted is None:
+            return result
+        structured = fitted
+    result["structuredContent"] = structured
+    return result
+
+
+def _fit_to_schema(structured: dict[str, Any], text: str, schema: Any) -> dict[str, Any] | None:
+    """`structured`, with required string properties set to `text`, if that conforms to `schema`."""
+    try:
+        validator = validator_for(schema)(schema, registry=Registry())
+        if validator.is_valid(structured):
+            return structured
+        props = schema.get("properties") or {}
+        fitted = dict(structured)
+        for name in schema.get("required") or []:
+            prop = props.get(name)
+            if name not in fitted and isinstance(prop, dict) and prop.get("type") == "string":
+                fitted[name] = text
+        return fitted if validator.is_valid(fitted) else None
+    except Exception:  # an unusable schema: no structuredContent rather than one that may not conform
+        return None

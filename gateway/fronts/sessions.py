@@ -67,6 +67,7 @@ class SessionSigner:
             "s": upstream_session,
             "v": version,
             "t": int(time.time()),
+            "n": secrets.token_hex(8),  # unique per session (MCP), so call_ids derived from it are too
         }
         payload = _b64(json.dumps(body, separators=(",", ":")).encode())
         return f"v1.{payload}.{self._mac(payload)}"

@@ -451,6 +451,7 @@ class PolicyEngine:
         now: datetime | None = None,
         pii: Iterable[str] = (),
         budget: Mapping[str, Any] | None = None,
+        session_tainted: bool = False,
     ) -> Decision:
         """Evaluate one request. Anything but a clean Allow is a deny that says why.
 
@@ -475,6 +476,7 @@ class PolicyEngine:
             "time": {"hour": local.hour, "weekday": local.isoweekday()},
             "pii": sorted(pii),
             "budget": dict(budget or {}),
+            "session": {"tainted": session_tainted},
         }
         request = {
             "principal": {"type": "User", "id": principal.sub},

@@ -1,0 +1,220 @@
+"""`/mcp`: one MCP endpoint for every upstream, tools namespaced `<upstream>__<tool>`.
+
+Two servers exposing a tool of the same name cannot shadow each other here: every tool carries
+its upstream's name (the separator is `mcp.namespace_separator`, which no upstream name may
+contain). `tools/list` is the union of what the caller may use on each upstream, exactly as
+`/mcp/<upstream>` would list it (token audience and required scopes of that upstream, pinning,
+Cedar `list_tools`); `tools/call` is routed to its upstream under the tool's own name and
+governed by the same pipeline, so audit records and policies see `Tool::"<upstream>/<tool>"`.
+
+Bastion is the MCP server here: it answers `initialize` (legacy clients, with a signed session
+id of its own), `server/discover` (2026-07-28 clients), `ping` and notifications itself. Only
+tools are served; resources, prompts, completions and server streams need `/mcp/<upstream>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import metrics
+from gateway.call import Principal, ToolCall
+from gateway.errors import AuthError, BastionError, ForbiddenError, SessionError
+from gateway.fronts import jsonrpc
+from gateway.fronts.mcp import (
+    HANDSHAKE_VERSIONS,
+    MODERN_VERSIONS,
+    Exchange,
+    MCPFront,
+    _call_id,
+    _check_modern_headers,
+    _read_body,
+    _trace_id,
+)
+from gateway.stages.identity import require_scopes
+from gateway.upstreams.base import Upstream
+from gateway.upstreams.streamable_http import LEGACY_VERSION, MODERN_VERSION
+
+log = logging.getLogger("bastion.mcp")
+
+AGGREGATE = "*"
+"""The session ids of `/mcp` name this instead of an upstream (no upstream name can be `*`)."""
+LIST_TIMEOUT_S = 10.0
+CAPABILITIES: dict[str, Any] = {"tools": {"listChanged": False}}
+SERVER_INFO = {"name": "bastion", "version": "1"}
+
+
+class AggregateFront:
+    def __init__(self, front: MCPFront, separator: str) -> None:
+        self.front = front
+        self.sep = separator
+
+    async def __call__(self, request: Request) -> Response:
+        front = self.front
+        msg_id: Any = None
+        try:
+            origin = request.headers.get("origin")
+            if origin is not None and origin.rstrip("/") not in front.origins:
+                raise ForbiddenError(f"origin {origin[:100]!r} is not allowed")
+            if request.method == "GET":
+                why = "no server stream on /mcp: use /mcp/<upstream> for notifications"
+                return Response(jsonrpc.error(None, -32000, why), 405, headers={"allow": "POST, DELETE"})
+            principal = await front.auth.authenticate(request.headers.get("authorization"), None)
+            if request.method == "DELETE":
+                return await self._delete(request, principal)
+            body = await _read_body(request, front.max_body)
+            msg = jsonrpc.parse(body, front.max_depth)
+            msg_id = msg.get("id")
+            response = await self._post(request, principal, msg, body)
+        except AuthError as err:
+            metrics.AUTH_FAILURES.inc()
+            response = front._error(err, msg_id)
+            shown = err if "authorization" in request.headers else None
+            meta = f"{front.base_url}/.well-known/oauth-protected-resource"
+            response.headers["www-authenticate"] = front.auth.www_authenticate(meta, shown)
+        except BastionError as err:
+            response = front._error(err, msg_id)
+        metrics.REQUESTS.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    async def _delete(self, request: Request, principal: Principal) -> Response:
+        session_id = request.headers.get("mcp-session-id")
+        if not session_id:
+            raise SessionError("missing Mcp-Session-Id", 400)
+        self.front.signer.open(session_id, AGGREGATE, principal.key)
+        return Response(status_code=204)  # nothing is kept behind an aggregated session
+
+    async def _post(
+        self, request: Request, principal: Principal, msg: dict[str, Any], body: bytes
+    ) -> Response:
+        headers = request.headers
+        method = msg.get("method")
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        meta = (params or {}).get("_meta")
+        meta_version = meta.get("io.modelcontextprotocol/protocolVersion") if isinstance(meta, dict) else None
+        session_id = headers.get("mcp-session-id")
+        if method == "initialize":
+            return self._initialize(msg, principal)
+        if session_id:
+            self.front.signer.open(session_id, AGGREGATE, principal.key)
+            modern = False
+        elif headers.get("mcp-protocol-version") in MODERN_VERSIONS or meta_version in MODERN_VERSIONS:
+            modern = True
+            _check_modern_headers(headers, msg)
+        else:
+            raise SessionError("missing Mcp-Session-Id: send initialize first, or speak 2026-07-28", 400)
+        echo = {"mcp-session-id": session_id} if session_id else {}
+        if method is None or method.startswith("notifications/"):
+            return Response(status_code=202)
+        if method == "ping":
+            return _answer(msg, {}, echo)
+        if method == "server/discover":
+            return _answer(msg, _discover(), echo)
+        if method == "tools/list":
+            tools = await self._union(request, principal)
+            result: dict[str, Any] = {"tools": tools}
+            if modern:
+                result |= {"resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
+            return _answer(msg, result, echo)
+        if method == "tools/call":
+            with metrics.INFLIGHT.track_inprogress():
+                return await self._call(request, principal, msg, modern, session_id)
+        why = f"method {str(method)[:100]!r} is not served on /mcp (tools only): use /mcp/<upstream>"
+        return Response(
+            jsonrpc.error(msg.get("id"), -32601, why), media_type="application/json", headers=echo
+        )
+
+    def _initialize(self, msg: dict[str, Any], principal: Principal) -> Response:
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        asked = (params or {}).get("protocolVersion")
+        version = asked if asked in HANDSHAKE_VERSIONS else LEGACY_VERSION
+        result = {"protocolVersion": version, "capabilities": CAPABILITIES, "serverInfo": SERVER_INFO}
+        session_id = self.front.signer.mint(AGGREGATE, principal.key, None, version)
+        return _answer(msg, result, {"mcp-session-id": session_id})
+
+    async def _admitted(self, request: Request, up: Upstream) -> Principal | None:
+        """The principal as `/mcp/<upstream>` would see it, or None if that endpoint would refuse it."""
+        try:
+            principal = await self.front.auth.authenticate(request.headers.get("authorization"), up.name)
+            require_scopes(principal, up.cfg.required_scopes)
+        except AuthError:
+            return None
+        return principal
+
+    async def _union(self, request: Request, principal: Principal) -> list[dict[str, Any]]:
+        front = self.front
+
+        async def one(up: Upstream) -> list[dict[str, Any]]:
+            if await self._admitted(request, up) is None:
+                return []
+            try:
+                tools = await asyncio.wait_for(up.list_tools(), LIST_TIMEOUT_S)
+            except (BastionError, TimeoutError, ValueError, KeyError) as exc:
+                log.warning("/mcp: upstream %s left out of tools/list (%s)", up.name, exc)
+                return []
+            tools = [t for t in tools if isinstance(t.get("name"), str)]
+            if front.pins is not None:
+                tools = await front.pins.keep_usable(up.name, tools)
+            allowed = front.allowed_tools(principal, up.name, [t["name"] for t in tools])
+            return [{**t, "name": f"{up.name}{self.sep}{t['name']}"} for t in tools if t["name"] in allowed]
+
+        ups = [front.upstreams[name] for name in sorted(front.upstreams)]
+        lists = await asyncio.gather(*(one(u) for u in ups))
+        return [t for tools in lists for t in tools]
+
+    async def _call(
+        self,
+        request: Request,
+        principal: Principal,
+        msg: dict[str, Any],
+        modern: bool,
+        session_id: str | None,
+    ) -> Response:
+        front = self.front
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        name = (params or {}).get("name")
+        prefix, sep, tool = name.partition(self.sep) if isinstance(name, str) else ("", "", "")
+        up = front.upstreams.get(prefix) if sep and tool else None
+        if up is None:
+            args = (params or {}).get("arguments")
+            call = ToolCall(
+                AGGREGATE,
+                str(name)[:200] if isinstance(name, str) else "",
+                args if isinstance(args, dict) else {},
+                principal=principal,
+                call_id=_call_id(msg),
+            )
+            why = f"unknown tool {str(name)[:200]!r}: names on /mcp are <upstream>{self.sep}<tool>"
+            await front.pipeline.refuse(call, "protocol", "unknown-tool", why)
+            return Response(
+                jsonrpc.error(msg.get("id"), jsonrpc.INVALID_PARAMS, why), media_type="application/json"
+            )
+        routed = {**msg, "params": {**(params or {}), "name": tool}}
+        body = jsonrpc.dumps(routed)
+        try:
+            admitted = await front.auth.authenticate(request.headers.get("authorization"), up.name)
+            require_scopes(admitted, up.cfg.required_scopes)
+        except AuthError as err:
+            await front._audit_refused_call(request, up, body, err.message, principal, err.code)
+            raise
+        x = Exchange(up, admitted, routed, body, None, session_id, modern, _trace_id(request))
+        return await front._call_tool(x)
+
+
+def _answer(msg: dict[str, Any], result: dict[str, Any], headers: dict[str, str]) -> Response:
+    return Response(jsonrpc.result(msg.get("id"), result), media_type="application/json", headers=headers)
+
+
+def _discover() -> dict[str, Any]:
+    return {
+        "supportedVersions": [MODERN_VERSION],
+        "capabilities": CAPABILITIES,
+        "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
+        "_meta": {"io.modelcontextprotocol/serverInfo": SERVER_INFO},
+    }
