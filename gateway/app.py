@@ -29,11 +29,13 @@ from audit.checkpoint import CheckpointSigner, SigningKeyError, load_or_create_s
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
+from gateway.approvals import Approvals
 from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.aggregate import AggregateFront
+from gateway.fronts.approvals_api import ApprovalsAPI
 from gateway.fronts.http_api import HTTPToolAPI, openapi_json
 from gateway.fronts.mcp import MCPFront
 from gateway.fronts.sessions import SessionSigner, load_or_create_secret
@@ -84,6 +86,7 @@ class Gateway:
         self.writer: AuditWriter | None = None
         self.state: AsyncEngine | None = None
         self.pins: ToolPins | None = None
+        self.approvals: Approvals | None = None
         self.discovered_tools: dict[str, list[dict[str, Any]]] = {}
         """Each upstream's tool definitions as listed at start-up (pinned once the state DB is open)."""
         self._rechecked: dict[str, tuple[float, bool]] = {}
@@ -156,8 +159,17 @@ class Gateway:
                 await self.pins.observe(name, tools)
             # Pinning before everything: a quarantined tool is refused before its arguments are scanned.
             stages.insert(0, PinningStage(self.pins, self.recheck_tools))
+        self.approvals = Approvals(
+            self.state, cfg.approvals, self.base_url, audit=self.writer, instance=instance
+        )
         pipeline = Pipeline(
-            stages, self.writer, instance=instance, hmac_key=hmac_key, redactor=redactor, taint=taint
+            stages,
+            self.writer,
+            instance=instance,
+            hmac_key=hmac_key,
+            redactor=redactor,
+            taint=taint,
+            approvals=self.approvals,
         )
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(
@@ -187,6 +199,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.policy_watcher is not None:
             await self.policy_watcher.aclose()
+        if self.approvals is not None:
+            await self.approvals.aclose()
         if self.writer is not None:
             await self.writer.close()
         if self.store is not None:
@@ -347,8 +361,20 @@ def build_app(gw: Gateway) -> Starlette:
             admin.append(AdminAPI(gw.cfg, gw.auth, gw.state, gw.base_url))
         return await admin[0].budgets(request)
 
+    approvals_api: list[ApprovalsAPI] = []
+
+    async def approvals(request: Request) -> Response:
+        if not approvals_api:
+            admin_api = AdminAPI(gw.cfg, gw.auth, gw.state, gw.base_url)
+            approvals_api.append(ApprovalsAPI(gw, admin_api))
+        return await approvals_api[0](request)
+
     routes = [
         Route("/mcp/{upstream}", mcp, methods=["GET", "POST", "DELETE"]),
+        Route("/v1/approvals", approvals),
+        Route("/v1/approvals/{id}", approvals),
+        Route("/v1/approvals/{id}/{verb:str}", approvals, methods=["POST"]),
+        Route("/approvals/{id}", approvals, methods=["GET", "POST"]),
         Route("/mcp", mcp_all, methods=["GET", "POST", "DELETE"]),
         Route("/v1/budgets", budgets),
         Route("/v1/tool-calls", tool_calls, methods=["POST"]),

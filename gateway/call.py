@@ -16,9 +16,9 @@ from typing import Any, Literal
 from audit.record import new_id
 
 Effect = Literal["allow", "deny", "transform", "approval_required"]
-Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt"]
+Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt", "approve"]
 OutcomeStatus = Literal[
-    "completed", "failed", "timeout", "denied", "error", "decided", "dead_letter", "duplicate"
+    "completed", "failed", "timeout", "denied", "error", "decided", "dead_letter", "duplicate", "held"
 ]
 
 
@@ -131,6 +131,8 @@ class ToolCall:
     """The arguments to forward when redaction changed them; None: forward `arguments`."""
     redaction: Any = None
     """The redaction stage's argument scan, kept from before policy to the transformation after it."""
+    approval_id: str | None = None
+    """The human approval this call uses (approved, to be consumed) or waits for (held)."""
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from audit import cli as audit_cli
 from audit.cli import AuditSettings
-from gateway import budgets_cli, keys_cli, logs, policy_cli, tools_cli
+from gateway import approvals_cli, budgets_cli, keys_cli, logs, policy_cli, tools_cli
 from gateway import config as config_mod
 from gateway.config import Config
 from gateway.errors import ConfigError
@@ -102,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     budgets_cli.register(sub, common)
     keys_cli.register(sub, common)
     tools_cli.register(sub, common)
+    approvals_cli.register(sub, common)
     return p
 
 

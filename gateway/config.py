@@ -211,6 +211,8 @@ class UpstreamConfig(_Strict):
     """Scopes a caller's token must carry to use this upstream; else 403 insufficient_scope."""
     timeout_s: float = Field(30, gt=0)
     connect_timeout_s: float = Field(5, gt=0)
+    http_client: Literal["lean", "httpx"] = "lean"
+    """streamable-http: `lean` (keep-alive HTTP/1.1 pool for http:// URLs) or httpx's default pool."""
     retries: RetryConfig | None = None
     """Retries for tools marked idempotent (see docs/upstreams.md); none when unset."""
     breaker: BreakerConfig | None = None
@@ -397,6 +399,25 @@ class AdminConfig(_Strict):
     subjects: list[str] = []
 
 
+class ApprovalWebhookConfig(_Strict):
+    """Where approval events are POSTed, signed with HMAC-SHA256 (`X-Bastion-Signature: sha256=...`)."""
+
+    url: str = Field(pattern=r"^https?://")
+    secret_file: Path
+    """The HMAC key (read once at start-up; keep it out of the config)."""
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+
+class ApprovalsConfig(_Strict):
+    """Human approval of calls that policy marks `@obligation("approval")` (docs/approvals.md)."""
+
+    ttl_s: float = Field(3600, gt=0, le=7 * 86_400)
+    """How long a request waits for a decision, and how long an approval can then be used."""
+    approvers: str = Field("an admin", min_length=1, max_length=200)
+    """Who the agent is told to ask, in "approval required: <id>; ask <approvers>"."""
+    webhook: ApprovalWebhookConfig | None = None
+
+
 class StateConfig(_Strict):
     url: str = "sqlite+aiosqlite:///./bastion-state.db"
 
@@ -456,6 +477,7 @@ class Config(_Strict):
     state: StateConfig = StateConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
     admin: AdminConfig = AdminConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     sessions: SessionsConfig = SessionsConfig()
     pinning: PinningConfig = PinningConfig()
     mcp: McpConfig = McpConfig()
@@ -543,6 +565,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                 }
             ),
             "sessions": cfg.sessions.model_copy(update={"secret_file": rel(cfg.sessions.secret_file)}),
+            "approvals": cfg.approvals.model_copy(
+                update={
+                    "webhook": cfg.approvals.webhook.model_copy(
+                        update={"secret_file": rel(cfg.approvals.webhook.secret_file)}
+                    )
+                    if cfg.approvals.webhook
+                    else None
+                }
+            ),
             "redaction": cfg.redaction.model_copy(update={"hmac_key_file": rel(cfg.redaction.hmac_key_file)})
             if cfg.redaction
             else None,

@@ -10,6 +10,10 @@
 - Policy comes first among the stages: it is the cheapest (tens of µs, in memory) and the one
   that most often says no, so nothing costly runs for a call that will be denied.
 - A stage returns a `Decision` or `None` (no objection). The first denial ends the chain.
+- `approval_required` (policy's `@obligation("approval")`) is looked up in the approvals store
+  right where it is raised: an approved identical call continues through the later stages and
+  consumes its approval only once all of them let it through; otherwise `admit` holds the call
+  as a pending request (gateway/approvals.py) and records it with outcome `held`.
 - The audit record is written for every call the pipeline saw, whatever happened. Write-ahead:
   an allowed call's decision is made durable as a `pending` record (`begin`) before it is
   forwarded, and `finish` adds the outcome, so a crash in between still leaves the attempt on
@@ -32,7 +36,8 @@ from audit.record import PENDING, SCHEMA_VERSION, AuditRecord, args_hmac, shape_
 from audit.store import AuditStoreError
 from audit.writer import AuditWriter
 from gateway import logs, metrics
-from gateway.call import Decision, Outcome, Reason, ToolCall
+from gateway.approvals import Approvals, binding_of
+from gateway.call import Decision, Outcome, OutcomeStatus, Reason, ToolCall
 from gateway.config import ToolSettings
 from gateway.errors import AuditUnavailable
 from gateway.stages.policy import PolicyEngine
@@ -101,12 +106,15 @@ class Pipeline:
         hmac_key: bytes,
         redactor: Redactor | None = None,
         taint: SessionTaint | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         self.stages = tuple(stages)
         self.redactor = redactor
         """Also one of `stages` (the argument scan, before policy); kept here for the later steps."""
         self.taint = taint
         """Results are scanned for prompt injection, which taints the session (None: not scanned)."""
+        self.approvals = approvals
+        """Where held calls wait for a human (None: `approval_required` is a denial)."""
         self._writer = writer
         self._instance = instance
         self._hmac_key = hmac_key
@@ -114,12 +122,17 @@ class Pipeline:
     async def decide(self, call: ToolCall) -> Decision:
         """Run the stages in order; the first denial (or approval demand) ends the chain."""
         decision: Decision | None = None
+        approved: str | None = None
         for stage in self.stages:
             t0 = time.perf_counter()
             verdict = await stage(call)
             metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - t0)
             if verdict is None:
                 continue
+            if verdict.effect == "approval_required":
+                # An approved call goes on through the later stages (budgets are charged as usual);
+                # its approval is consumed only once every stage has let it through.
+                verdict, approved = await self._approval(call, verdict)
             if decision is None or decision.effect != "transform" or not verdict.allowed:
                 decision = verdict  # a later allow never loosens a transform
             if not verdict.allowed:
@@ -139,10 +152,23 @@ class Pipeline:
                 "policy requires redaction, but this gateway has no redaction: configured",
                 decision.policy_version,
             )
-        if decision.effect == "approval_required":
+        if approved is not None and decision.allowed and self.approvals is not None:
+            try:
+                won = await self.approvals.consume(approved, call.audit_id)
+            except SQLAlchemyError as exc:
+                await self.refund(call)
+                return Decision.deny(
+                    "approval", "approvals-unavailable", f"approval state unavailable: {type(exc).__name__}"
+                )
+            if not won:
+                await self.refund(call)
+                why = f"approval {approved} was used or expired meanwhile; ask again"
+                return Decision.deny("approval", "approval-used", why)
+            call.approval_id = approved
+        if decision.effect == "approval_required" and self.approvals is None:
             return Decision(
                 "deny",
-                (*decision.reasons, Reason("approval", "human approval is required and not available yet")),
+                (*decision.reasons, Reason("approval", "human approval is required and not available here")),
                 decision.stage,
                 decision.policy_version,
             )
@@ -184,11 +210,54 @@ class Pipeline:
         """Decide, then make the decision durable: a pending record for a call about to be
         forwarded, the final record for a refused one. Every front calls this, whatever its wire."""
         decision = await self.decide(call)
+        if decision.effect == "approval_required":
+            decision = await self.hold(call, decision)
         if decision.allowed:
             decision = await self.begin(call, decision)  # write-ahead, before forwarding
         if not decision.allowed:
-            await self.finish(call, decision, Outcome("denied", self.elapsed_ms(call)))
+            status: OutcomeStatus = "held" if decision.effect == "approval_required" else "denied"
+            await self.finish(call, decision, Outcome(status, self.elapsed_ms(call)))
         return decision
+
+    async def _approval(self, call: ToolCall, held: Decision) -> tuple[Decision, str | None]:
+        """A held call's standing: approved (an allow, and the approval to consume), denied by a
+        human (final), or still held (waiting on the pending request, if there is one)."""
+        if self.approvals is None or call.dry_run or call.principal is None:
+            return held, None
+        try:
+            binding = binding_of(call.principal, call.upstream, call.tool, call.arguments)
+            found = await self.approvals.current(binding)
+        except (SQLAlchemyError, ValueError, TypeError) as exc:
+            why = f"approval state unavailable: {type(exc).__name__}"
+            return Decision.deny("approval", "approvals-unavailable", why, held.policy_version), None
+        if found is None:
+            return held, None
+        if found.status == "approved":
+            given = Reason("approval", f"approval {found.id} given by {found.decided_by}")
+            return Decision("allow", (*held.reasons, given), "approval", held.policy_version), found.id
+        if found.status == "denied":
+            text = f"a human denied this call: approval {found.id}, by {found.decided_by}"
+            if found.note:
+                text += f" ({found.note[:300]})"
+            reasons = (*held.reasons, Reason("approval", text))
+            return Decision("deny", reasons, "approval", held.policy_version), None
+        call.approval_id = found.id  # pending: the repeated call waits on the same request
+        return held, None
+
+    async def hold(self, call: ToolCall, decision: Decision) -> Decision:
+        """Make sure a held call has a pending request; its id goes into the reasons (and the audit)."""
+        assert self.approvals is not None
+        try:
+            if call.approval_id is None:
+                await self.approvals.expire_due()
+                reasons = [r.to_json() for r in decision.reasons]
+                made = await self.approvals.request(call, reasons, args_hmac(self._hmac_key, call.arguments))
+                call.approval_id = made.id
+        except SQLAlchemyError as exc:
+            why = f"approval state unavailable, so the call cannot be held: {type(exc).__name__}"
+            return Decision.deny("approval", "approvals-unavailable", why, decision.policy_version)
+        held = (*decision.reasons, Reason("approval", f"approval required: {call.approval_id}"))
+        return Decision("approval_required", held, decision.stage, decision.policy_version)
 
     async def begin(self, call: ToolCall, decision: Decision) -> Decision:
         """Make an allowed call's decision durable as a `pending` record before it is forwarded.

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.call import Principal
 from gateway.config import Config
 from gateway.errors import AuthError
 from gateway.stages.budget import usage
@@ -27,6 +28,11 @@ class AdminAPI:
 
     async def _admin(self, request: Request) -> Response | None:
         """None when the caller is an admin; otherwise the 401/403 to answer."""
+        found = await self.admin_principal(request)
+        return found if isinstance(found, Response) else None
+
+    async def admin_principal(self, request: Request) -> Principal | Response:
+        """The calling admin, or the 401/403 to answer."""
         try:
             principal = await self.auth.authenticate(request.headers.get("authorization"))
         except AuthError as err:
@@ -35,7 +41,7 @@ class AdminAPI:
             return JSONResponse(err.to_json(), err.http_status, headers=headers)
         admin = self.cfg.admin
         if principal.sub in admin.subjects or principal.groups.intersection(admin.groups):
-            return None
+            return principal
         why = (
             "not an admin (admin.groups / admin.subjects)"
             if admin.groups or admin.subjects

@@ -6,7 +6,8 @@
 
 Both go through the same pipeline as MCP calls (identity, policy, budgets, redaction, audit);
 only the wire differs. Status codes: 200 answered, 400 bad body, 401/403 credential, 403 denied,
-429 over budget (with `Retry-After`), 502/504 upstream failed. `/v1/decisions` answers 200 with
+429 over budget (with `Retry-After`), 202 held for a human's approval (docs/approvals.md), 502/504
+upstream failed. `/v1/decisions` answers 200 with
 the decision whatever it is: the question was answered. Its allowed calls are audited with
 status `decided` (executed by the caller, outcome unknown to Bastion) and do consume budgets,
 since the caller goes on to run the tool.
@@ -77,7 +78,7 @@ class HTTPToolAPI:
             return await self._decide_only(call)
         decision = await self.pipeline.admit(call)
         if not decision.allowed:
-            return _denied(decision, call.audit_id)
+            return _denied(decision, call.audit_id, self.mcp.approval_of(call, decision))
         try:
             answer = await self.mcp.call_once(call, decision)
         except DuplicateCall as dup:
@@ -162,13 +163,15 @@ def _repeat(dup: DuplicateCall, decision: Decision, audit_id: str) -> Response:
     return JSONResponse(body, dup.http_status)
 
 
-def _denied(decision: Decision, audit_id: str) -> Response:
+def _denied(decision: Decision, audit_id: str, approval: dict[str, str] | None = None) -> Response:
     body = {
         "decision": decision.effect,
         "reasons": [r.to_json() for r in decision.reasons],
         "stage": decision.stage,
         "audit_id": audit_id,
     }
+    if approval is not None:
+        return JSONResponse(body | approval, 202)
     if decision.retry_after_s is not None:
         return JSONResponse(body, 429, headers={"retry-after": str(decision.retry_after_s)})
     return JSONResponse(body, 403)
@@ -196,6 +199,20 @@ _DENIAL = {
         "reasons": _REASONS,
         "stage": {"type": "string"},
         "audit_id": {"type": "string"},
+    },
+}
+
+
+_HELD = {
+    "type": "object",
+    "properties": {
+        "decision": {"const": "approval_required"},
+        "reasons": _REASONS,
+        "stage": {"type": "string"},
+        "audit_id": {"type": "string"},
+        "approval_id": {"type": "string"},
+        "approval_url": {"type": "string", "description": "the approval page (docs/approvals.md)"},
+        "approvers": {"type": "string", "description": "whom to ask (approvals.approvers)"},
     },
 }
 
@@ -252,6 +269,7 @@ def openapi(base_url: str) -> dict[str, Any]:
                     "requestBody": body,
                     "responses": {
                         "200": _json(result, "allowed and answered"),
+                        "202": _json(_HELD, "held for a human: approve it, then make the same call again"),
                         **common,
                         "403": _json(_DENIAL, "denied (by policy, scope, or a refused credential scope)"),
                         "404": _json(error, "no such upstream"),

@@ -363,7 +363,10 @@ class MCPFront:
         decision = await self.pipeline.admit(call)
         if not decision.allowed:
             result = denied_result(
-                decision, call.audit_id, self._output_schemas.get((x.upstream.name, call.tool))
+                decision,
+                call.audit_id,
+                self._output_schemas.get((x.upstream.name, call.tool)),
+                self.approval_of(call, decision),
             )
             if x.modern:
                 result["resultType"] = "complete"
@@ -396,6 +399,13 @@ class MCPFront:
             outcome = Outcome("duplicate", self.pipeline.elapsed_ms(call), None, previous.message)
             await self.pipeline.finish(call, decision, outcome)
         return previous
+
+    def approval_of(self, call: ToolCall, decision: Decision) -> dict[str, str] | None:
+        """For a held call: its approval id, the approval page's URL and whom to ask."""
+        approvals = self.pipeline.approvals
+        if decision.effect != "approval_required" or approvals is None or call.approval_id is None:
+            return None
+        return approvals.describe(call.approval_id)
 
     async def call_once(self, call: ToolCall, decision: Decision) -> dict[str, Any]:
         """Forward an admitted call and return its whole, audited JSON-RPC response.
@@ -940,8 +950,13 @@ def _call_id(msg: dict[str, Any]) -> str | None:
     return None if msg_id is None else str(msg_id)[:200]
 
 
-def denied_result(decision: Decision, audit_id: str, output_schema: Any = None) -> dict[str, Any]:
+def denied_result(
+    decision: Decision, audit_id: str, output_schema: Any = None, approval: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A denial as a tool result the model can read and act on (not a protocol error).
+
+    A call held for a human (`approval`: id, URL, approvers) reads "approval required: <id>; ask
+    <approvers>", and the id and URL are added to `structuredContent` and `_meta`.
 
     The machine-readable decision is in `structuredContent` and in `_meta["bastion/decision"]`.
     When the tool declares an `outputSchema`, `structuredContent` must conform to it: TypeScript
@@ -961,6 +976,12 @@ def denied_result(decision: Decision, audit_id: str, output_schema: Any = None) 
         "reasons": [r.to_json() for r in decision.reasons],
         "audit_id": audit_id,
     }
+    if approval is not None:
+        reasons = (
+            f"approval required: {approval['approval_id']}; ask {approval['approvers']} "
+            f"({approval['approval_url']}), then make the same call again"
+        )
+        structured |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
     result: dict[str, Any] = {
         "content": [{"type": "text", "text": reasons}],
         "isError": True,

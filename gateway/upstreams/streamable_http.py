@@ -1,6 +1,7 @@
 """Client for one upstream MCP server over Streamable HTTP, in whichever era it speaks.
 
-One pooled `httpx.AsyncClient` per upstream, built once. The upstream never sees the caller's
+One pooled `httpx.AsyncClient` per upstream, built once (by default on `LeanTransport` for
+http:// URLs; `http_client: httpx` keeps httpx's own pool). The upstream never sees the caller's
 token: only the headers configured for it. Upstream clients forward and report; they never
 decide. httpx errors become `UpstreamError` / `UpstreamTimeout` here.
 
@@ -23,6 +24,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.upstreams.credentials import upstream_auth
+from gateway.upstreams.transport import lean_client
 
 log = logging.getLogger("bastion.upstream")
 
@@ -119,7 +121,8 @@ class StreamableHTTPUpstream:
         self._era_lock = asyncio.Lock()
         self._detected = False
         headers, auth = upstream_auth(name, cfg)
-        self.client = httpx.AsyncClient(
+        make_client = lean_client if cfg.http_client == "lean" else httpx.AsyncClient
+        self.client = make_client(
             headers=headers,
             auth=auth,
             timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),

@@ -1,0 +1,457 @@
+"""Human approval of risky calls: the pending requests, shared by every replica through the state DB.
+
+A call that policy answers `approval_required` (a permit with `@obligation("approval")`) is never
+forwarded. Bastion stores a request bound to sha256(principal key, upstream, tool, canonical
+arguments) and tells the caller its id. An approver approves or denies it (CLI, admin API, or the
+page at `/approvals/{id}`). When the same principal then repeats the same call with the same
+arguments, it runs exactly once: consumption is a conditional UPDATE (`status = 'approved'` and not
+expired), so two replicas racing for it cannot both win. Any other argument gives another binding,
+hence a new request.
+
+Lifecycle: pending -> approved -> consumed, or pending -> denied, or pending/approved -> expired.
+Denied, expired and consumed are final. A pending request expires `approvals.ttl_s` after it was
+made; an approval must be used within `ttl_s` of being given; a denial refuses the identical call
+for `ttl_s` (the agent cannot wear the approver down by asking again).
+
+The raw arguments are never stored: only what the audit record holds (redacted, or their shape)
+and the audit's keyed HMAC of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+from sqlalchemy import BigInteger, Column, Index, String, Table, Text, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.record import SCHEMA_VERSION, AuditRecord, canonical_json, new_id, shape_of
+from audit.store import AuditStoreError
+from audit.writer import AuditWriter
+from gateway import metrics
+from gateway.call import Principal, ToolCall
+from gateway.config import ApprovalsConfig
+from gateway.errors import ConfigError
+from gateway.state import metadata
+
+__all__ = ["Approval", "ApprovalError", "Approvals", "binding_of"]
+
+log = logging.getLogger("bastion.approvals")
+
+Status = Literal["pending", "approved", "denied", "expired", "consumed"]
+FINAL: frozenset[str] = frozenset({"denied", "expired", "consumed"})
+
+approvals_table = Table(
+    "bastion_approvals",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("binding", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("subject", String(512), nullable=False),
+    Column("issuer", String(512), nullable=False),
+    Column("agent", String(512)),
+    Column("upstream", String(128), nullable=False),
+    Column("tool", String(256), nullable=False),
+    Column("args_shown", Text, nullable=False),
+    Column("args_hmac", String(128)),
+    Column("reasons", Text, nullable=False),
+    Column("audit_id", String(36), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("decided_by", String(512)),
+    Column("decided_ms", BigInteger),
+    Column("note", Text),
+    Column("used_by", String(36)),
+    Column("used_ms", BigInteger),
+    Index("ix_bastion_approvals_binding", "binding", "status"),
+)
+
+
+class ApprovalError(Exception):
+    """An approval cannot be decided: unknown id, already decided, or expired. `status`: HTTP code."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def binding_of(principal: Principal, upstream: str, tool: str, arguments: Mapping[str, Any]) -> str:
+    """What an approval is for: this principal, this tool, these exact (canonical) arguments."""
+    data = canonical_json([principal.key, upstream, tool, dict(arguments)])
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One request for a human decision, as stored."""
+
+    id: str
+    binding: str
+    status: Status
+    subject: str
+    issuer: str
+    agent: str | None
+    upstream: str
+    tool: str
+    args_shown: Any
+    args_hmac: str | None
+    reasons: list[dict[str, str]]
+    audit_id: str
+    created_ms: int
+    expires_ms: int
+    decided_by: str | None
+    decided_ms: int | None
+    note: str | None
+    used_by: str | None
+    used_ms: int | None
+
+    @property
+    def effective_status(self) -> Status:
+        """`expired` for an open request past its deadline, even before the row says so."""
+        if self.status in ("pending", "approved") and self.expires_ms <= _now_ms():
+            return "expired"
+        return self.status
+
+    @property
+    def policy_reason(self) -> str:
+        return "; ".join(f"{r.get('policy')}: {r.get('reason')}" for r in self.reasons) or "-"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.effective_status,
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "agent": self.agent,
+            "upstream": self.upstream,
+            "tool": self.tool,
+            "arguments": self.args_shown,
+            "reasons": self.reasons,
+            "audit_id": self.audit_id,
+            "created_at": _iso(self.created_ms),
+            "expires_at": _iso(self.expires_ms),
+            "decided_by": self.decided_by,
+            "decided_at": _iso(self.decided_ms),
+            "note": self.note,
+            "used_by_audit_id": self.used_by,
+            "used_at": _iso(self.used_ms),
+        }
+
+    @classmethod
+    def of_row(cls, row: Any) -> Approval:
+        try:
+            shown = json.loads(row.args_shown)
+            reasons = json.loads(row.reasons)
+        except ValueError:
+            shown, reasons = {"unreadable": "stored arguments are not JSON"}, []
+        return cls(
+            row.id,
+            row.binding,
+            row.status,
+            row.subject,
+            row.issuer,
+            row.agent,
+            row.upstream,
+            row.tool,
+            shown,
+            row.args_hmac,
+            reasons if isinstance(reasons, list) else [],
+            row.audit_id,
+            row.created_ms,
+            row.expires_ms,
+            row.decided_by,
+            row.decided_ms,
+            row.note,
+            row.used_by,
+            row.used_ms,
+        )
+
+
+class Approvals:
+    """The approval requests in the state DB, and the audit records of their decisions.
+
+    `audit`: where approvals' own events (approved, denied, expired) are recorded, as records with
+    action `approve` for the same upstream/tool, linked to the held call through `decision.reasons`.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cfg: ApprovalsConfig,
+        base_url: str,
+        *,
+        audit: AuditWriter | None = None,
+        instance: str | None = None,
+        protocol: str = "http",
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.base_url = base_url
+        self.audit = audit
+        self.instance = instance or socket.gethostname()
+        self.protocol = protocol
+        self._hook_key: bytes | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        if cfg.webhook is not None:
+            try:
+                self._hook_key = cfg.webhook.secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(f"approvals.webhook.secret_file: cannot read it: {exc}") from exc
+            if not self._hook_key:
+                raise ConfigError("approvals.webhook.secret_file: the file is empty")
+            self._http = httpx.AsyncClient(timeout=cfg.webhook.timeout_s, follow_redirects=False)
+
+    async def aclose(self) -> None:
+        """Wait for webhook deliveries in flight, then close the client."""
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+
+    def url_of(self, approval_id: str) -> str:
+        return f"{self.base_url}/approvals/{approval_id}"
+
+    def describe(self, approval_id: str) -> dict[str, str]:
+        """What a held caller is told: the id, where to review it, whom to ask."""
+        return {
+            "approval_id": approval_id,
+            "approval_url": self.url_of(approval_id),
+            "approvers": self.cfg.approvers,
+        }
+
+    # -- the gateway's side ------------------------------------------------------------------
+
+    async def current(self, binding: str) -> Approval | None:
+        """The newest request for this binding that still matters (pending, approved or denied, in time)."""
+        now = _now_ms()
+        t = approvals_table
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t)
+                    .where(
+                        t.c.binding == binding,
+                        t.c.status.in_(("pending", "approved", "denied")),
+                        t.c.expires_ms > now,
+                    )
+                    .order_by(t.c.created_ms.desc(), t.c.id.desc())
+                    .limit(1)
+                )
+            ).first()
+        return None if row is None else Approval.of_row(row)
+
+    async def request(self, call: ToolCall, reasons: list[dict[str, str]], args_hmac: str | None) -> Approval:
+        """Store a pending request for a held call."""
+        assert call.principal is not None
+        p = call.principal
+        now = _now_ms()
+        shown = call.redacted_args if call.redacted_args is not None else shape_of(call.arguments)
+        values = {
+            "id": new_id(),
+            "binding": binding_of(p, call.upstream, call.tool, call.arguments),
+            "status": "pending",
+            "subject": p.sub,
+            "issuer": p.issuer,
+            "agent": p.agent,
+            "upstream": call.upstream,
+            "tool": call.tool,
+            "args_shown": json.dumps(shown, ensure_ascii=False),
+            "args_hmac": args_hmac,
+            "reasons": json.dumps(reasons, ensure_ascii=False),
+            "audit_id": call.audit_id,
+            "created_ms": now,
+            "expires_ms": now + int(self.cfg.ttl_s * 1000),
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(approvals_table).values(**values))
+        log.info("call %s held for approval %s (%s)", call.audit_id, values["id"], call.resource)
+        made = await self.get(str(values["id"]))
+        assert made is not None
+        self.notify(made, "requested", None, None)
+        return made
+
+    async def consume(self, approval_id: str, audit_id: str) -> bool:
+        """Use an approval for the call `audit_id`; True only for the one caller that wins it."""
+        now = _now_ms()
+        t = approvals_table
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                update(t)
+                .where(t.c.id == approval_id, t.c.status == "approved", t.c.expires_ms > now)
+                .values(status="consumed", used_by=audit_id, used_ms=now)
+            )
+        if done.rowcount != 1:
+            return False
+        if self._http is not None and (used := await self.get(approval_id)) is not None:
+            self.notify(used, "consumed", None, None)
+        return True
+
+    # -- the approvers' side -----------------------------------------------------------------
+
+    async def get(self, approval_id: str) -> Approval | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(approvals_table).where(approvals_table.c.id == approval_id))
+            ).first()
+        return None if row is None else Approval.of_row(row)
+
+    async def list(self, status: str | None = None, limit: int = 200) -> list[Approval]:
+        await self.expire_due()
+        t = approvals_table
+        query = select(t).order_by(t.c.created_ms.desc(), t.c.id.desc()).limit(limit)
+        if status:
+            query = query.where(t.c.status == status)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Approval.of_row(r) for r in rows]
+
+    async def decide(self, approval_id: str, approve: bool, by: str, note: str | None = None) -> Approval:
+        """Approve or deny a pending request; anything else is refused with the reason.
+
+        The UPDATE is conditional on `pending` and not expired, so of two approvers deciding at
+        once only one succeeds, and a decision, once made, never changes."""
+        now = _now_ms()
+        t = approvals_table
+        status: Status = "approved" if approve else "denied"
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                update(t)
+                .where(t.c.id == approval_id, t.c.status == "pending", t.c.expires_ms > now)
+                .values(
+                    status=status,
+                    decided_by=by[:512],
+                    decided_ms=now,
+                    note=(note or None) and note[:2000],
+                    expires_ms=now + int(self.cfg.ttl_s * 1000),
+                )
+            )
+        found = await self.get(approval_id)
+        if found is None:
+            raise ApprovalError(f"no approval {approval_id[:64]!r}", 404)
+        if done.rowcount != 1:
+            if found.effective_status == "expired":
+                await self.expire_due()
+                raise ApprovalError(f"approval {found.id} has expired: the call must be asked again")
+            by_whom = found.decided_by or "-"
+            raise ApprovalError(f"approval {found.id} is already {found.status} (by {by_whom})")
+        await self.record(found, status, by, note)
+        return found
+
+    async def expire_due(self) -> int:
+        """Mark open requests past their deadline `expired` and record each; returns how many."""
+        now = _now_ms()
+        t = approvals_table
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t).where(t.c.status.in_(("pending", "approved")), t.c.expires_ms <= now)
+                )
+            ).all()
+        expired = 0
+        for row in rows:
+            async with self.engine.begin() as conn:
+                done = await conn.execute(
+                    update(t)
+                    .where(t.c.id == row.id, t.c.status == row.status, t.c.expires_ms <= now)
+                    .values(status="expired")
+                )
+            if done.rowcount == 1:
+                expired += 1
+                await self.record(Approval.of_row(row), "expired", None, f"was {row.status}")
+        return expired
+
+    async def record(self, approval: Approval, event: str, by: str | None, note: str | None) -> None:
+        """One audit record per decision or expiry, linked to the held call by its audit id.
+
+        The decision itself is already durable in the state DB; a failing audit store is logged and
+        counted rather than undoing it."""
+        self.notify(approval, event, by, note)
+        if self.audit is None:
+            return
+        who = by or "bastion"
+        text = f"approval {approval.id} for call {approval.audit_id} {event} by {who}"
+        if note:
+            text += f": {note[:500]}"
+        record = AuditRecord(
+            id=new_id(),
+            ts=datetime.now(UTC),
+            schema_version=SCHEMA_VERSION,
+            instance=self.instance,
+            trace_id=uuid.uuid4().hex,
+            call_id=approval.id,
+            user=by,
+            tenant=None,
+            agent=None,
+            delegation_chain=[],
+            protocol=self.protocol,
+            upstream=approval.upstream,
+            tool=approval.tool,
+            action="approve",
+            args_redacted=approval.args_shown if isinstance(approval.args_shown, dict) else {},
+            args_hmac=approval.args_hmac,
+            decision={
+                "effect": "allow" if event == "approved" else "deny",
+                "reasons": [{"policy": "approval", "reason": text}],
+                "policy_ids": ["approval"],
+                "policy_version": None,
+                "stage": "approval",
+            },
+            budget=None,
+            pii={"input": {}, "output": {}},
+            outcome={"status": event, "latency_ms": 0.0, "upstream_status": None, "error": None},
+            result_sha256=None,
+        )
+        try:
+            await self.audit.write(record)
+        except AuditStoreError as exc:
+            metrics.AUDIT_FAILURES.inc()
+            log.error("audit of approval %s (%s) failed: %s", approval.id, event, exc)
+
+    def notify(self, approval: Approval, event: str, by: str | None, note: str | None) -> None:
+        """POST the event to the webhook in the background: a slow receiver never delays a call."""
+        if self._http is None:
+            return
+        body = {
+            "event": event,
+            "by": by,
+            "note": note,
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "approval": approval.to_json() | {"url": self.url_of(approval.id)},
+        }
+        task = asyncio.get_running_loop().create_task(self._send(json.dumps(body).encode()))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, body: bytes) -> None:
+        assert self._http is not None and self._hook_key is not None and self.cfg.webhook is not None
+        signature = hmac.new(self._hook_key, body, hashlib.sha256).hexdigest()
+        headers = {"content-type": "application/json", "x-bastion-signature": f"sha256={signature}"}
+        try:
+            resp = await self._http.post(self.cfg.webhook.url, content=body, headers=headers)
+            if resp.status_code >= 300:
+                log.warning("approval webhook answered HTTP %d", resp.status_code)
+        except httpx.HTTPError as exc:
+            log.warning("approval webhook failed: %s", type(exc).__name__)
