@@ -15,6 +15,10 @@ for `ttl_s` (the agent cannot wear the approver down by asking again).
 
 The raw arguments are never stored: only what the audit record holds (redacted, or their shape)
 and the audit's keyed HMAC of them.
+
+A call approved inline (the MCP front asked the client's user through elicitation) waits for the
+decision with `await_decision`: it reads the state DB, so the decision may be made on any replica;
+a decision made in this process wakes it at once.
 """
 
 from __future__ import annotations
@@ -215,6 +219,8 @@ class Approvals:
         self._hook_key: bytes | None = None
         self._http: httpx.AsyncClient | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str, asyncio.Event] = {}
+        """Inline approvals waiting in this process for a decision, woken when one is made here."""
         if cfg.webhook is not None:
             try:
                 self._hook_key = cfg.webhook.secret_file.read_bytes().strip()
@@ -358,7 +364,41 @@ class Approvals:
             by_whom = found.decided_by or "-"
             raise ApprovalError(f"approval {found.id} is already {found.status} (by {by_whom})")
         await self.record(found, status, by, note)
+        if (event := self._waiting.get(approval_id)) is not None:
+            event.set()
         return found
+
+    async def await_decision(
+        self, approval_id: str, timeout_s: float, stop: asyncio.Future[Any] | None = None
+    ) -> Approval | None:
+        """The approval once it is no longer pending, or as it stands after `timeout_s` (or once
+        `stop` is done, whichever comes first). None: there is no such approval.
+
+        The state DB is read with a growing interval (50 ms to 500 ms), so a decision made on
+        another replica is seen within half a second; one made in this process wakes it at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        event = self._waiting.setdefault(approval_id, asyncio.Event())
+        delay = 0.05
+        try:
+            while True:
+                found = await self.get(approval_id)
+                if found is None or found.effective_status != "pending":
+                    return found
+                remaining = deadline - loop.time()
+                if remaining <= 0 or (stop is not None and stop.done()):
+                    return found
+                waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(event.wait())}
+                if stop is not None:
+                    waits.add(stop)
+                await asyncio.wait(waits, timeout=min(delay, remaining), return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    if w is not stop:
+                        w.cancel()
+                event.clear()
+                delay = min(delay * 2, 0.5)
+        finally:
+            self._waiting.pop(approval_id, None)
 
     async def expire_due(self) -> int:
         """Mark open requests past their deadline `expired` and record each; returns how many."""

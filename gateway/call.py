@@ -16,7 +16,7 @@ from typing import Any, Literal
 from audit.record import new_id
 
 Effect = Literal["allow", "deny", "transform", "approval_required"]
-Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt", "approve"]
+Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own"]
 OutcomeStatus = Literal[
     "completed", "failed", "timeout", "denied", "error", "decided", "dead_letter", "duplicate", "held"
 ]

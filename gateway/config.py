@@ -416,6 +416,11 @@ class ApprovalsConfig(_Strict):
     approvers: str = Field("an admin", min_length=1, max_length=200)
     """Who the agent is told to ask, in "approval required: <id>; ask <approvers>"."""
     webhook: ApprovalWebhookConfig | None = None
+    inline: bool = True
+    """Ask inside the MCP exchange when the client supports elicitation (legacy `elicitation/create`,
+    2026-07-28 `input_required`); off: every client gets the held result and retries."""
+    inline_wait_s: float = Field(120, gt=0, le=900)
+    """How long a call approved inline waits for the approver's decision before it is answered held."""
 
 
 class StateConfig(_Strict):
@@ -502,7 +507,6 @@ class Config(_Strict):
                 "rename them or choose another separator"
             )
         return self
-
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

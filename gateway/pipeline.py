@@ -95,6 +95,22 @@ class PolicyStage:
             session_tainted=call.session_tainted,
         )
 
+    def approve_own(self, call: ToolCall) -> bool:
+        """Whether Cedar lets the caller approve this call themselves (`Action::"approve_own"`)."""
+        if call.principal is None:
+            return False
+        verdict = self._engine().decide(
+            call.principal,
+            "approve_own",
+            call.upstream,
+            call.tool,
+            call.arguments,
+            self._settings(call.upstream, call.tool),
+            pii=call.pii_input,
+            session_tainted=call.session_tainted,
+        )
+        return verdict.effect == "allow"
+
 
 class Pipeline:
     def __init__(
@@ -173,6 +189,12 @@ class Pipeline:
                 decision.policy_version,
             )
         return decision
+
+    def may_approve_own(self, call: ToolCall) -> bool:
+        """Whether policy lets the caller answer their own held call's approval (inline form mode).
+
+        Only a clean Allow of `Action::"approve_own"` counts; no default policy grants it."""
+        return any(isinstance(s, PolicyStage) and s.approve_own(call) for s in self.stages)
 
     async def redact_result(
         self, call: ToolCall, decision: Decision, result: dict[str, Any]

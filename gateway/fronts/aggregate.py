@@ -25,6 +25,7 @@ from gateway import metrics
 from gateway.call import Principal, ToolCall
 from gateway.errors import AuthError, BastionError, ForbiddenError, SessionError
 from gateway.fronts import jsonrpc
+from gateway.fronts.inline import elicitation_modes, modern_elicitation
 from gateway.fronts.mcp import (
     HANDSHAKE_VERSIONS,
     MODERN_VERSIONS,
@@ -100,15 +101,19 @@ class AggregateFront:
         if method == "initialize":
             return self._initialize(msg, principal)
         if session_id:
-            self.front.signer.open(session_id, AGGREGATE, principal.key)
+            elicitation = self.front.signer.open(session_id, AGGREGATE, principal.key).elicitation
             modern = False
         elif headers.get("mcp-protocol-version") in MODERN_VERSIONS or meta_version in MODERN_VERSIONS:
             modern = True
             _check_modern_headers(headers, msg)
+            elicitation = modern_elicitation(params)
         else:
             raise SessionError("missing Mcp-Session-Id: send initialize first, or speak 2026-07-28", 400)
         echo = {"mcp-session-id": session_id} if session_id else {}
-        if method is None or method.startswith("notifications/"):
+        if method is None:
+            await self.front.inline.answer(msg, principal)  # Bastion's own elicitation, if it is one
+            return Response(status_code=202)
+        if method.startswith("notifications/"):
             return Response(status_code=202)
         if method == "ping":
             return _answer(msg, {}, echo)
@@ -122,7 +127,7 @@ class AggregateFront:
             return _answer(msg, result, echo)
         if method == "tools/call":
             with metrics.INFLIGHT.track_inprogress():
-                return await self._call(request, principal, msg, modern, session_id)
+                return await self._call(request, principal, msg, modern, session_id, elicitation)
         why = f"method {str(method)[:100]!r} is not served on /mcp (tools only): use /mcp/<upstream>"
         return Response(
             jsonrpc.error(msg.get("id"), -32601, why), media_type="application/json", headers=echo
@@ -133,7 +138,8 @@ class AggregateFront:
         asked = (params or {}).get("protocolVersion")
         version = asked if asked in HANDSHAKE_VERSIONS else LEGACY_VERSION
         result = {"protocolVersion": version, "capabilities": CAPABILITIES, "serverInfo": SERVER_INFO}
-        session_id = self.front.signer.mint(AGGREGATE, principal.key, None, version)
+        modes = elicitation_modes((params or {}).get("capabilities"))
+        session_id = self.front.signer.mint(AGGREGATE, principal.key, None, version, modes)
         return _answer(msg, result, {"mcp-session-id": session_id})
 
     async def _admitted(self, request: Request, up: Upstream) -> Principal | None:
@@ -173,6 +179,7 @@ class AggregateFront:
         msg: dict[str, Any],
         modern: bool,
         session_id: str | None,
+        elicitation: frozenset[str],
     ) -> Response:
         front = self.front
         params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
@@ -201,7 +208,9 @@ class AggregateFront:
         except AuthError as err:
             await front._audit_refused_call(request, up, body, err.message, principal, err.code)
             raise
-        x = Exchange(up, admitted, routed, body, None, session_id, modern, _trace_id(request))
+        x = Exchange(
+            up, admitted, routed, body, None, session_id, modern, _trace_id(request), elicitation=elicitation
+        )
         return await front._call_tool(x)
 
 

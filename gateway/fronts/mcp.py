@@ -57,6 +57,7 @@ from gateway.errors import (
 )
 from gateway.fronts import jsonrpc
 from gateway.fronts.client_info import client_name
+from gateway.fronts.inline import InlineApprovals, elicitation_modes, modern_elicitation
 from gateway.fronts.sessions import Session, SessionSigner
 from gateway.idempotency import CallRegistry, DuplicateCall, IdempotencyUnavailable, Previous
 from gateway.pinning import ToolPins
@@ -101,6 +102,8 @@ class Exchange:
     modern: bool
     trace_id: str | None
     client: str | None = None
+    elicitation: frozenset[str] = frozenset()
+    """The elicitation modes the client supports (declared at `initialize`, or per request in 2026)."""
 
     @property
     def method(self) -> str:
@@ -147,6 +150,8 @@ class MCPFront:
         """Deadline, retries and circuit breaker per upstream, around every forwarded tools/call."""
         self._output_schemas: dict[tuple[str, str], Any] = {}
         """Declared `outputSchema`s seen in relayed `tools/list` results, keyed (upstream, tool)."""
+        self.inline = InlineApprovals(self)
+        """Held calls approved inside the MCP exchange, for clients that support elicitation."""
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -197,9 +202,7 @@ class MCPFront:
             guard = self.guards[up.name] = FaultGuard(up.name, up.cfg)
         return guard
 
-    async def _authenticate(
-        self, request: Request, upstream: Upstream, body: bytes | None
-    ) -> Principal:
+    async def _authenticate(self, request: Request, upstream: Upstream, body: bytes | None) -> Principal:
         t0 = time.perf_counter()
         try:
             principal = await self.auth.authenticate(request.headers.get("authorization"), upstream.name)
@@ -281,8 +284,11 @@ class MCPFront:
             modern,
             _trace_id(request),
             client_name(headers),
+            modern_elicitation(params) if modern else session.elicitation if session else frozenset(),
         )
 
+        if method is None and await self.inline.answer(msg, principal):
+            return Response(status_code=202)  # the client's answer to Bastion's own elicitation
         if method == "initialize":
             return await self._initialize(x)
         if method == "tools/call":
@@ -328,12 +334,14 @@ class MCPFront:
             if up.instructions:
                 result["instructions"] = up.instructions
             answer = {"jsonrpc": "2.0", "id": x.msg.get("id"), "result": result}
-        session_id = self.signer.mint(up.name, x.principal.key, upstream_session, version)
+        modes = elicitation_modes(x.params.get("capabilities"))
+        session_id = self.signer.mint(up.name, x.principal.key, upstream_session, version, modes)
         return Response(
             jsonrpc.dumps(answer), media_type="application/json", headers={"mcp-session-id": session_id}
         )
 
-    async def _call_tool(self, x: Exchange) -> Response:
+    def _tool_call_of(self, x: Exchange) -> tuple[ToolCall, str | None]:
+        """The governed call a `tools/call` exchange makes, and its idempotency key (if any)."""
         name, args = x.params.get("name"), x.params.get("arguments", {})
         call = ToolCall(
             x.upstream.name,
@@ -348,6 +356,11 @@ class MCPFront:
         if x.trace_id:
             call.trace_id = x.trace_id
         x.trace_id = call.trace_id  # started here when the client sent none; passed upstream
+        return call, key
+
+    async def _call_tool(self, x: Exchange) -> Response:
+        name, args = x.params.get("name"), x.params.get("arguments", {})
+        call, key = self._tool_call_of(x)
         if not isinstance(name, str) or not name or not isinstance(args, dict):
             await self.pipeline.refuse(
                 call, "protocol", "invalid-params", "tools/call needs a name and object arguments"
@@ -360,17 +373,39 @@ class MCPFront:
                 ),
                 media_type="application/json",
             )
+        resumed = False
+        if x.modern and self.inline.is_resumption(x):
+            # The retry of an inline approval round: requestState checked, then governed as any call.
+            refused = await self.inline.resume(x, call)
+            if refused is not None:
+                return refused
+            resumed = True
         decision = await self.pipeline.admit(call)
         if not decision.allowed:
-            result = denied_result(
-                decision,
-                call.audit_id,
-                self._output_schemas.get((x.upstream.name, call.tool)),
-                self.approval_of(call, decision),
-            )
-            if x.modern:
-                result["resultType"] = "complete"
-            return Response(jsonrpc.result(x.msg.get("id"), result), media_type="application/json")
+            mode = None if resumed else self.inline.mode_for(x, call, decision)
+            if mode is not None and x.modern:
+                return self.inline.input_required(x, call, decision, mode)
+            if mode is not None:
+                return self.inline.ask_in_stream(x, call, decision, mode)
+            return Response(self.refused_body(x, call, decision), media_type="application/json")
+        return await self.run_admitted(x, call, decision, key)
+
+    def refused_body(self, x: Exchange, call: ToolCall, decision: Decision) -> bytes:
+        """The tool result for a call the pipeline did not let through (denied or held)."""
+        result = denied_result(
+            decision,
+            call.audit_id,
+            self._output_schemas.get((x.upstream.name, call.tool)),
+            self.approval_of(call, decision),
+        )
+        if x.modern:
+            result["resultType"] = "complete"
+        return jsonrpc.result(x.msg.get("id"), result)
+
+    async def run_admitted(
+        self, x: Exchange, call: ToolCall, decision: Decision, key: str | None
+    ) -> Response:
+        """Forward a call the pipeline let through (unless it repeats a call_id already used)."""
         if (previous := await self._check_repeat(call, decision, key)) is not None:
             answer = _repeat_answer(previous, x.msg.get("id"), x.modern)
             return Response(answer, media_type="application/json")
@@ -564,7 +599,11 @@ class MCPFront:
             self._relay(
                 delivered.events() if delivered else reply.events(),
                 request_id,
-                upstream_id, x.method if restore_id else None, final, call, x.upstream.name
+                upstream_id,
+                x.method if restore_id else None,
+                final,
+                call,
+                x.upstream.name,
             ),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", **passthrough},
@@ -720,15 +759,11 @@ class MCPFront:
 
     # -- GET and DELETE -----------------------------------------------------------------------
 
-    def _session_of(
-        self, request: Request, upstream: Upstream, principal: Principal
-    ) -> Session | None:
+    def _session_of(self, request: Request, upstream: Upstream, principal: Principal) -> Session | None:
         session_id = request.headers.get("mcp-session-id")
         return self.signer.open(session_id, upstream.name, principal.key) if session_id else None
 
-    async def _get(
-        self, request: Request, upstream: Upstream, principal: Principal
-    ) -> Response:
+    async def _get(self, request: Request, upstream: Upstream, principal: Principal) -> Response:
         session = self._session_of(request, upstream, principal)
         if session is None or session.upstream_session is None:
             why = "no server stream: GET needs a legacy session with an upstream that keeps sessions"
@@ -760,9 +795,7 @@ class MCPFront:
 
         return StreamingResponse(raw(), media_type="text/event-stream", headers={"cache-control": "no-store"})
 
-    async def _delete(
-        self, request: Request, upstream: Upstream, principal: Principal
-    ) -> Response:
+    async def _delete(self, request: Request, upstream: Upstream, principal: Principal) -> Response:
         session = self._session_of(request, upstream, principal)
         if session is None:
             raise SessionError("missing Mcp-Session-Id", 400)

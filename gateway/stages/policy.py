@@ -40,7 +40,9 @@ __all__ = ["OBLIGATIONS", "REQUEST_ACTIONS", "PolicyEngine", "PolicyInfo", "poli
 
 OBLIGATIONS: Mapping[str, Effect] = {"redact": "transform", "approval": "approval_required"}
 """`@obligation` values a permit may carry, and the effect each turns an allow into."""
-REQUEST_ACTIONS = frozenset({"call_tool", "list_tools", "read_resource", "get_prompt", "approve"})
+REQUEST_ACTIONS = frozenset(
+    {"call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own"}
+)
 """The actions Bastion puts in requests. Action groups are not evaluated (see `_check_scope`)."""
 
 _STRICTNESS: Mapping[Effect, int] = {"allow": 0, "transform": 1, "approval_required": 2, "deny": 3}
@@ -59,6 +61,8 @@ def budget_context_type(names: Iterable[str]) -> str:
     """`context.budget`'s Cedar type: one optional `BudgetState` per configured budget name."""
     fields = ", ".join(f'"{n}"?: BudgetState' for n in sorted(set(names)))
     return _BUDGET_STATE + f"type BudgetContext = {{ {fields} }};\n"
+
+
 _CACHE_MAX = 4096
 
 
