@@ -219,8 +219,9 @@ class Approvals:
         self._hook_key: bytes | None = None
         self._http: httpx.AsyncClient | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self._waiting: dict[str, asyncio.Event] = {}
-        """Inline approvals waiting in this process for a decision, woken when one is made here."""
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        """Inline approvals waiting in this process for a decision (one event per waiter, since
+        several calls may wait on one approval), woken when one is made here."""
         if cfg.webhook is not None:
             try:
                 self._hook_key = cfg.webhook.secret_file.read_bytes().strip()
@@ -364,7 +365,7 @@ class Approvals:
             by_whom = found.decided_by or "-"
             raise ApprovalError(f"approval {found.id} is already {found.status} (by {by_whom})")
         await self.record(found, status, by, note)
-        if (event := self._waiting.get(approval_id)) is not None:
+        for event in self._waiting.get(approval_id, ()):
             event.set()
         return found
 
@@ -378,7 +379,10 @@ class Approvals:
         another replica is seen within half a second; one made in this process wakes it at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        event = self._waiting.setdefault(approval_id, asyncio.Event())
+        event = asyncio.Event()
+        waiters = self._waiting.setdefault(approval_id, set())
+        waiters.add(event)
+        woken: asyncio.Task[Any] | None = None
         delay = 0.05
         try:
             while True:
@@ -388,17 +392,18 @@ class Approvals:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or (stop is not None and stop.done()):
                     return found
-                waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(event.wait())}
-                if stop is not None:
-                    waits.add(stop)
+                woken = asyncio.ensure_future(event.wait())
+                waits: set[asyncio.Future[Any]] = {woken} if stop is None else {woken, stop}
                 await asyncio.wait(waits, timeout=min(delay, remaining), return_when=asyncio.FIRST_COMPLETED)
-                for w in waits:
-                    if w is not stop:
-                        w.cancel()
+                woken.cancel()
                 event.clear()
                 delay = min(delay * 2, 0.5)
         finally:
-            self._waiting.pop(approval_id, None)
+            if woken is not None:
+                woken.cancel()  # also when this wait is cancelled (the client went away)
+            waiters.discard(event)
+            if not waiters and self._waiting.get(approval_id) is waiters:
+                del self._waiting[approval_id]
 
     async def expire_due(self) -> int:
         """Mark open requests past their deadline `expired` and record each; returns how many."""

@@ -459,7 +459,11 @@ async def test_modern_decline_is_held_and_form_mode_confirms(env: Env) -> None:
 
 
 def _modern_call(
-    args: dict[str, Any], msg_id: int, capabilities: dict[str, Any] | None, **extra: Any
+    args: dict[str, Any],
+    msg_id: int,
+    capabilities: dict[str, Any] | None,
+    name: str = "pay",
+    **extra: Any,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     meta: dict[str, Any] = {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -470,9 +474,9 @@ def _modern_call(
         "jsonrpc": "2.0",
         "id": msg_id,
         "method": "tools/call",
-        "params": {"name": "pay", "arguments": args, "_meta": meta, **extra},
+        "params": {"name": name, "arguments": args, "_meta": meta, **extra},
     }
-    headers = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": "pay"}
+    headers = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": name}
     return body, headers
 
 
@@ -575,3 +579,327 @@ def test_the_default_policies_let_nobody_approve_their_own_call() -> None:
     """`approve_own` is granted by no shipped policy (checked by `bastion policy test` too)."""
     texts = [p.read_text() for p in Path(POLICIES).rglob("*.cedar")]
     assert texts and not any("approve_own" in t for t in texts)
+
+
+# -- leaving, racing, waiting ---------------------------------------------------------------------
+
+
+def _event_waits() -> list[asyncio.Task[Any]]:
+    """Tasks still waiting on an `asyncio.Event` (what an abandoned approval wait leaves behind)."""
+    return [t for t in asyncio.all_tasks() if "Event.wait" in repr(t.get_coro())]
+
+
+async def _modern_held(
+    http: httpx.AsyncClient, env: Env, args: dict[str, Any], path: str = "/mcp/bank", name: str = "pay"
+) -> tuple[str, str]:
+    """A raw 2026-07-28 call that is held and asked inline (URL mode): its approval id and state."""
+    body, headers = _modern_call(args, 1, {"elicitation": {"url": {}}}, name)
+    auth = {"authorization": f"Bearer {env.token(aud=path if path != '/mcp' else '')}"}
+    first = (await http.post(f"{env.base}{path}", json=body, headers=headers | auth)).json()["result"]
+    assert first["resultType"] == "input_required", first
+    return _approval_id_of(first["inputRequests"]["bastion/approval"]["params"]["url"]), first["requestState"]
+
+
+@pytest.mark.parametrize(("path", "name"), [("/mcp/bank", "pay"), ("/mcp", "bank__pay")])
+async def test_a_modern_client_that_leaves_mid_wait_runs_nothing(
+    env: Env, http: httpx.AsyncClient, path: str, name: str
+) -> None:
+    """The retry waits for the approver; a client that gives up meanwhile (its own read timeout)
+    must not have the call run behind its back: the approval stays for its next retry. The same
+    on the `/mcp` union endpoint."""
+    before = len(EXECUTED)
+    seen = {r["id"] for r in await env.audit()}
+    url = f"{env.base}{path}"
+    auth = {"authorization": f"Bearer {env.token(aud=path if path != '/mcp' else '')}"}
+    args = {"amount": 234, "to": f"left-modern{path}"}
+    approval_id, state = await _modern_held(http, env, args, path, name)
+    answers = {"bastion/approval": {"action": "accept"}}
+    body, headers = _modern_call(
+        args, 2, {"elicitation": {"url": {}}}, name, requestState=state, inputResponses=answers
+    )
+    async with httpx.AsyncClient(timeout=0.3) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            await impatient.post(url, json=body, headers=headers | auth)
+    await asyncio.sleep(0.2)
+    assert (await env.approve(approval_id)).status_code == 200
+    await asyncio.sleep(WAIT_S + 0.3)  # past the wait the retry would have had
+    assert len(EXECUTED) == before
+    assert (await env.approval(approval_id))["status"] == "approved"
+    assert not _event_waits()
+    gone = [r for r in await env.audit() if r["decision"]["reasons"][0]["policy"] == "client-gone"]
+    assert [(r["tool"], r["outcome"]["status"]) for r in gone if r["id"] not in seen] == [("pay", "denied")]
+
+    again = await http.post(url, json=body, headers=headers | auth)  # the client comes back: runs once
+    assert again.json()["result"]["isError"] is False, again.text
+    assert EXECUTED[before:] == [("pay", 234, f"left-modern{path}")]
+    assert (await env.approval(approval_id))["status"] == "consumed"
+
+
+async def test_a_legacy_client_that_leaves_mid_wait_runs_nothing(env: Env, http: httpx.AsyncClient) -> None:
+    before = len(EXECUTED)
+    url = f"{env.base}/mcp/bank"
+    fin = await _legacy_session(http, url, env.token())
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "pay", "arguments": {"amount": 432, "to": "left-legacy"}},
+    }
+    question: dict[str, Any] = {}
+    async with (
+        httpx.AsyncClient(timeout=15) as streaming,
+        streaming.stream("POST", url, json=call, headers=fin) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                question = json.loads(line[6:])
+                break
+        accept = {"jsonrpc": "2.0", "id": question["id"], "result": {"action": "accept"}}
+        assert (await http.post(url, json=accept, headers=fin)).status_code == 202
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)
+    assert not env.gw._mcp.inline._answers and not _event_waits()  # type: ignore[union-attr]
+    approval_id = question["params"]["elicitationId"]
+    assert (await env.approve(approval_id)).status_code == 200
+    await asyncio.sleep(WAIT_S + 0.3)
+    assert len(EXECUTED) == before
+    assert (await env.approval(approval_id))["status"] == "approved"
+
+
+async def test_a_cancelled_wait_leaves_no_task_behind(env: Env, http: httpx.AsyncClient) -> None:
+    approval_id, _ = await _modern_held(http, env, {"amount": 111, "to": "cancelled-wait"})
+    approvals = env.gw.approvals
+    assert approvals is not None
+    waiting = asyncio.ensure_future(approvals.await_decision(approval_id, 5))
+    await asyncio.sleep(0.3)
+    waiting.cancel()
+    await asyncio.sleep(0.05)
+    assert not _event_waits() and not approvals._waiting
+
+
+async def test_every_wait_on_one_approval_is_woken_by_the_decision(env: Env, http: httpx.AsyncClient) -> None:
+    """Two calls wait on one approval; the first stops waiting early. The decision must still wake
+    the second at once rather than on its next read of the state DB (up to 500 ms later)."""
+    approval_id, _ = await _modern_held(http, env, {"amount": 112, "to": "two-waits"})
+    approvals = env.gw.approvals
+    assert approvals is not None
+    loop = asyncio.get_running_loop()
+    short = asyncio.ensure_future(approvals.await_decision(approval_id, 0.2))
+    long = asyncio.ensure_future(approvals.await_decision(approval_id, 10))
+    assert (found := await short) is not None and found.status == "pending"
+    await asyncio.sleep(1.1)  # the long wait now reads the DB only every 500 ms
+    decided = loop.time()
+    assert (await env.approve(approval_id)).status_code == 200
+    assert (found := await long) is not None and found.status == "approved"
+    assert loop.time() - decided < 0.2
+
+
+async def test_two_clients_waiting_on_one_approval_run_it_once(env: Env, http: httpx.AsyncClient) -> None:
+    """Legacy: two sessions of one principal make the same held call; both are asked about the same
+    approval and both wait. One approval: one execution, the other call gets no second run."""
+    before = len(EXECUTED)
+    url = f"{env.base}/mcp/bank"
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "pay", "arguments": {"amount": 777, "to": "race-legacy"}},
+    }
+    sessions = [await _legacy_session(http, url, env.token()) for _ in range(2)]
+    asked: list[str] = []
+    finals: list[dict[str, Any]] = []
+
+    async def wait_in(headers: dict[str, str]) -> None:
+        async with (
+            httpx.AsyncClient(timeout=15) as streaming,
+            streaming.stream("POST", url, json=call, headers=headers) as resp,
+        ):
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("method") == "elicitation/create":
+                    accept = {"jsonrpc": "2.0", "id": event["id"], "result": {"action": "accept"}}
+                    assert (await http.post(url, json=accept, headers=headers)).status_code == 202
+                    asked.append(event["params"]["elicitationId"])
+                else:
+                    finals.append(event)
+
+    first = asyncio.ensure_future(wait_in(sessions[0]))
+    while not asked:
+        await asyncio.sleep(0.02)
+    second = asyncio.ensure_future(wait_in(sessions[1]))
+    while len(asked) < 2:
+        await asyncio.sleep(0.02)
+    assert asked[0] == asked[1]  # the repeat is held on the same request
+    assert (await env.approve(asked[0])).status_code == 200
+    await asyncio.gather(first, second)
+    assert EXECUTED[before:] == [("pay", 777, "race-legacy")]
+    results = [e["result"] for e in finals if e.get("id") == 7]
+    assert sorted(r["isError"] for r in results) == [False, True]
+    assert (await env.approval(asked[0]))["status"] == "consumed"
+
+
+async def test_two_modern_retries_on_one_approval_run_it_once(env: Env, http: httpx.AsyncClient) -> None:
+    before = len(EXECUTED)
+    url = f"{env.base}/mcp/bank"
+    auth = {"authorization": f"Bearer {env.token()}"}
+    args = {"amount": 778, "to": "race-modern"}
+    approval_id, state = await _modern_held(http, env, args)
+    answers = {"bastion/approval": {"action": "accept"}}
+    body, headers = _modern_call(
+        args, 2, {"elicitation": {"url": {}}}, requestState=state, inputResponses=answers
+    )
+    retries = [asyncio.ensure_future(http.post(url, json=body, headers=headers | auth)) for _ in range(2)]
+    await asyncio.sleep(0.3)
+    assert (await env.approve(approval_id)).status_code == 200
+    results = [r.json()["result"] for r in await asyncio.gather(*retries)]
+    assert EXECUTED[before:] == [("pay", 778, "race-modern")]
+    assert sorted(r["isError"] for r in results) == [False, True]
+    loser = next(r for r in results if r["isError"])
+    assert loser["structuredContent"]["reasons"][-1]["policy"] == "approval-used"
+
+
+async def test_a_form_yes_to_a_url_question_approves_nothing(
+    env: Env, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller Cedar does not let approve their own call is asked in URL mode; answering it as if it
+    were the form ("accept", approve: true) decides nothing, in either era. The legacy stream keeps
+    itself alive while it waits and ends with the held result."""
+    from gateway.fronts import inline
+
+    monkeypatch.setattr(inline, "KEEPALIVE_S", 0.4)
+    before = len(EXECUTED)
+    url = f"{env.base}/mcp/bank"
+    yes = {"action": "accept", "content": {"approve": True}}
+    fin = await _legacy_session(http, url, env.token())
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "pay", "arguments": {"amount": 433, "to": "yes-to-url"}},
+    }
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=15) as streaming,
+        streaming.stream("POST", url, json=call, headers=fin) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            lines.append(line)
+            if line.startswith("data: ") and "elicitation/create" in line:
+                question = json.loads(line[6:])
+                assert question["params"]["mode"] == "url"
+                answer = {"jsonrpc": "2.0", "id": question["id"], "result": yes}
+                assert (await http.post(url, json=answer, headers=fin)).status_code == 202
+    assert lines.count(": waiting for approval") >= WAIT_S / 0.4 - 1
+    final = json.loads(next(line for line in reversed(lines) if line.startswith("data: "))[6:])
+    assert final["id"] == 7 and _approval_id_of(final["result"]["structuredContent"]["approval_url"])
+    legacy_id = question["params"]["elicitationId"]
+
+    args = {"amount": 434, "to": "yes-to-url"}
+    approval_id, state = await _modern_held(http, env, args)
+    body, headers = _modern_call(
+        args, 2, {"elicitation": {"url": {}}}, requestState=state, inputResponses={"bastion/approval": yes}
+    )
+    auth = {"authorization": f"Bearer {env.token()}"}
+    retried = (await http.post(url, json=body, headers=headers | auth)).json()["result"]
+    assert retried["isError"] is True and retried["structuredContent"]["approval_id"] == approval_id
+    for held in (legacy_id, approval_id):
+        assert (await env.approval(held))["status"] == "pending"
+    assert len(EXECUTED) == before
+
+
+async def test_a_request_state_cannot_move_to_another_tool(env: Env, http: httpx.AsyncClient) -> None:
+    args = {"amount": 150, "to": "moved"}
+    approval_id, state = await _modern_held(http, env, args)
+    assert (await env.approve(approval_id)).status_code == 200
+    body, headers = _modern_call(
+        args, 2, {}, requestState=state, inputResponses={"bastion/approval": {"action": "accept"}}
+    )
+    body["params"]["name"] = headers["mcp-name"] = "tip"
+    auth = {"authorization": f"Bearer {env.token()}"}
+    error = (await http.post(f"{env.base}/mcp/bank", json=body, headers=headers | auth)).json()["error"]
+    assert "another call" in error["message"]
+    assert (await env.approval(approval_id))["status"] == "approved"
+
+
+def _scope(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    """An ASGI scope for a POST to `url` (for tests that must control the connection itself)."""
+    path = "/" + url.split("/", 3)[3]
+    headers = {**headers, "content-type": "application/json", "host": url.split("/")[2]}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+
+def _pay(amount: int, to: str) -> dict[str, Any]:
+    args = {"amount": amount, "to": to}
+    return {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "pay", "arguments": args}}
+
+
+async def test_a_client_gone_before_the_stream_starts_leaves_nothing_registered(
+    env: Env, http: httpx.AsyncClient
+) -> None:
+    """A legacy client that sends the held call and leaves before the answer's first byte: the
+    stream is never run, and nothing about it may stay in memory."""
+    from gateway.app import build_app
+
+    url = f"{env.base}/mcp/bank"
+    fin = await _legacy_session(http, url, env.token())
+    incoming = [{"type": "http.request", "body": json.dumps(_pay(435, "never-streamed")).encode()}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        await asyncio.sleep(0)  # the disconnect is noticed while the headers go out
+
+    await build_app(env.gw)(_scope(url, fin), receive, send)
+    assert sent and sent[0]["status"] == 200
+    assert not any(m.get("body") for m in sent)  # not one byte of the stream was made
+    assert not env.gw._mcp.inline._answers  # type: ignore[union-attr]
+
+
+async def test_a_decline_that_comes_at_once_ends_the_wait_at_once(env: Env, http: httpx.AsyncClient) -> None:
+    """The client's decline arrives before the stream has looked at the state DB even once."""
+    from gateway.app import build_app
+
+    url = f"{env.base}/mcp/bank"
+    fin = await _legacy_session(http, url, env.token())
+    incoming = [{"type": "http.request", "body": json.dumps(_pay(436, "quick-decline")).encode()}]
+    finished = asyncio.Event()
+    events: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop(0)
+        await finished.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        for line in message.get("body", b"").decode().splitlines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if events[-1].get("method") == "elicitation/create":  # answered while it goes out
+                    decline = {"jsonrpc": "2.0", "id": events[-1]["id"], "result": {"action": "decline"}}
+                    assert (await http.post(url, json=decline, headers=fin)).status_code == 202
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await build_app(env.gw)(_scope(url, fin), receive, send)
+    finished.set()
+    assert loop.time() - started < WAIT_S / 2
+    assert events[-1]["id"] == 7 and events[-1]["result"]["isError"] is True

@@ -209,7 +209,16 @@ class AggregateFront:
             await front._audit_refused_call(request, up, body, err.message, principal, err.code)
             raise
         x = Exchange(
-            up, admitted, routed, body, None, session_id, modern, _trace_id(request), elicitation=elicitation
+            up,
+            admitted,
+            routed,
+            body,
+            None,
+            session_id,
+            modern,
+            _trace_id(request),
+            elicitation=elicitation,
+            request=request,
         )
         return await front._call_tool(x)
 

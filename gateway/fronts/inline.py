@@ -18,6 +18,10 @@ mode, principal), so the client's answer, a separate POST, is understood by any 
 2026-07-28: an `input_required` result; its `requestState` is sealed and bound to the principal
 and to the exact call (binding of principal, tool and arguments); the retry carrying it is checked
 and then governed from scratch. A forged or altered state is refused and audited.
+
+A client that leaves while it waits gets nothing forwarded on its behalf: a legacy stream is
+cancelled with its connection; a 2026-07-28 retry watches its request for the disconnect (when the
+front handed it the request) and is then refused, leaving an approval given meanwhile unused.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.approvals import ApprovalError, Approvals, binding_of
@@ -166,17 +171,21 @@ class InlineApprovals:
             params.pop("mode")  # 2025-06-18 knows only the form, without a mode field
         question = {"jsonrpc": "2.0", "id": elicitation_id, "method": "elicitation/create", "params": params}
         answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._answers[elicitation_id] = answered
         held = self.front.refused_body(x, call, decision)
 
         async def stream() -> AsyncIterator[bytes]:
+            # Registered here, not before: a response never sent (the client left at once) never
+            # runs this generator's `finally`, and would leave the entry behind for good.
+            self._answers[elicitation_id] = answered
             try:
                 yield jsonrpc.sse(jsonrpc.dumps(question))
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + wait_s
                 status = "pending"
                 while True:
-                    stop = None if answered.done() else answered
+                    # An answer that ends the wait may come before the first look: then one read.
+                    settled = answered.done() and mode == "url" and _accepted(answered.result(), mode)
+                    stop = None if settled else answered
                     remaining = max(0.0, deadline - loop.time())
                     try:
                         found = await approvals.await_decision(approval_id, min(KEEPALIVE_S, remaining), stop)
@@ -347,8 +356,27 @@ class InlineApprovals:
         elif mode == "form":
             await self._approve_own(approval_id, call.principal)
         else:
+            left = asyncio.ensure_future(_client_left(x.request)) if x.request is not None else None
             try:
-                await approvals.await_decision(approval_id, approvals.cfg.inline_wait_s)
+                await approvals.await_decision(approval_id, approvals.cfg.inline_wait_s, left)
             except SQLAlchemyError as exc:
                 log.error("inline approval %s: state unavailable: %s", approval_id, type(exc).__name__)
+            finally:
+                if left is not None and not left.done():
+                    left.cancel()
+            if left is not None and left.done() and not left.cancelled():
+                left.exception()  # retrieved: a receive that failed means the client is gone too
+                # Nobody would receive the result: an approval given meanwhile stays for a retry.
+                why = "the client went away while waiting for the approval; nothing was forwarded"
+                log.info("inline approval %s: %s", approval_id, why)
+                refused = await self.front.pipeline.refuse(call, "approval", "client-gone", why)
+                return Response(self.front.refused_body(x, call, refused), media_type="application/json")
         return None
+
+
+async def _client_left(request: Request) -> bool:
+    """Returns once the client has disconnected (its body is read: nothing else arrives but that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return True

@@ -104,6 +104,8 @@ class Exchange:
     client: str | None = None
     elicitation: frozenset[str] = frozenset()
     """The elicitation modes the client supports (declared at `initialize`, or per request in 2026)."""
+    request: Request | None = None
+    """The client's HTTP request, so that an inline approval's wait notices when the client leaves."""
 
     @property
     def method(self) -> str:
@@ -285,6 +287,7 @@ class MCPFront:
             _trace_id(request),
             client_name(headers),
             modern_elicitation(params) if modern else session.elicitation if session else frozenset(),
+            request,
         )
 
         if method is None and await self.inline.answer(msg, principal):
