@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from audit.checkpoint import CheckpointSigner, SigningKeyError, load_or_create_signing_key
+from audit.sqlite_thread import SQLiteThread
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
@@ -47,7 +48,7 @@ from gateway.policy_reload import PolicyWatcher
 from gateway.stages.budget import BudgetStage
 from gateway.stages.identity import Authenticator
 from gateway.stages.policy import PolicyEngine
-from gateway.state import open_state
+from gateway.state import open_state, sqlite_writer
 from gateway.taint import SessionTaint, TaintStage
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http_tools import HTTPToolsUpstream
@@ -85,6 +86,7 @@ class Gateway:
         self.store: AuditStore | None = None
         self.writer: AuditWriter | None = None
         self.state: AsyncEngine | None = None
+        self.state_writer: SQLiteThread | None = None
         self.pins: ToolPins | None = None
         self.approvals: Approvals | None = None
         self.discovered_tools: dict[str, list[dict[str, Any]]] = {}
@@ -140,9 +142,10 @@ class Gateway:
         except AuditStoreError as exc:
             raise ConfigError(f"audit.url: {exc}") from exc
         self.state = await open_state(cfg.state.url)
+        self.state_writer = await sqlite_writer(self.state)
         # Policy first (cheap, in memory, most often says no), then budgets: nothing is charged
         # for a call that policy refuses.
-        budgets = BudgetStage(cfg.budgets, self.state) if cfg.budgets else None
+        budgets = BudgetStage(cfg.budgets, self.state, self.state_writer) if cfg.budgets else None
         view = budgets.view if budgets else None  # context.budget, read only when a policy uses it
         stages: list[Stage] = [PolicyStage(self._policy, self.settings_for, view)]
         if budgets is not None:
@@ -206,6 +209,8 @@ class Gateway:
         if self.store is not None:
             await self.store.close()
         await self.auth.aclose()
+        if self.state_writer is not None:
+            await asyncio.to_thread(self.state_writer.close)
         if self.state is not None:
             await self.state.dispose()
         await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))

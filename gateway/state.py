@@ -7,12 +7,15 @@ loss may lose the last few commits (budget counters only; the audit trail is str
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from audit.sqlite_thread import SQLiteThread
 from audit.store import safe_url
 from gateway.errors import ConfigError
 
@@ -51,3 +54,15 @@ async def open_state(url: str) -> AsyncEngine:
         await engine.dispose()
         raise ConfigError(f"state.url: cannot open {safe_url(url)}: {type(exc).__name__}: {exc}") from exc
     return engine
+
+
+async def sqlite_writer(engine: AsyncEngine) -> SQLiteThread | None:
+    """A group-committing writer thread for a state DB in an SQLite file (None otherwise): the
+    per-call writes (budget charges) go through it instead of one aiosqlite transaction each."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return None
+    try:
+        return await asyncio.to_thread(SQLiteThread, str(path), synchronous="NORMAL", name="state-sqlite")
+    except sqlite3.Error as exc:
+        raise ConfigError(f"state.url: cannot open {safe_url(str(engine.url))}: {exc}") from exc

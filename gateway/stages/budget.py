@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.sqlite_thread import SQLiteThread
 from gateway.call import Decision, Principal, Reason, ToolCall
 from gateway.config import BudgetRule, CostTable
 from gateway.state import budget_usage
@@ -122,9 +124,13 @@ class BudgetStage:
 
     name = "budget"
 
-    def __init__(self, rules: Sequence[BudgetRule], engine: AsyncEngine) -> None:
+    def __init__(
+        self, rules: Sequence[BudgetRule], engine: AsyncEngine, writer: SQLiteThread | None = None
+    ) -> None:
         self.rules = tuple(rules)
         self.engine = engine
+        self._writer = writer
+        """SQLite file: charges of concurrent calls share one transaction on this thread."""
         self._sqlite = engine.dialect.name == "sqlite"
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._lock = asyncio.Lock()
@@ -166,7 +172,7 @@ class BudgetStage:
             return Decision(
                 "deny", (Reason(f"budget/{c.rule.name}", reason),), self.name, retry_after_s=retry
             )
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             return Decision.deny(
                 self.name, "budget-unavailable", f"budget store unavailable: {type(exc).__name__}"
             )
@@ -200,6 +206,8 @@ class BudgetStage:
         return states
 
     async def _consume(self, charges: list[Charge]) -> list[dict[str, Any]]:
+        if self._writer is not None:
+            return await self._writer.run(lambda conn: _charge_all(conn, charges))
         if self._sqlite:
             async with self._lock:
                 return await self._transaction(charges)
@@ -273,6 +281,29 @@ class BudgetStage:
                     .values(used=budget_usage.c.used - s["cost"])
                 )
                 s["refunded"] = True
+
+
+_UPSERT = (
+    "INSERT INTO bastion_budget_usage (budget, subject, window_start, used) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (budget, subject, window_start) DO UPDATE SET used = used + ? WHERE used + ? <= ? "
+    "RETURNING used"
+)
+
+
+def _charge_all(conn: sqlite3.Connection, charges: list[Charge]) -> list[dict[str, Any]]:
+    """`_transaction` for the SQLite writer thread: the same upsert per charge, all or none
+    (`SQLiteThread` runs this in a savepoint and rolls it back when it raises)."""
+    states = []
+    for c in charges:
+        if c.cost > c.rule.limit:
+            raise _OverBudget(c)
+        row = conn.execute(
+            _UPSERT, (c.rule.name, c.subject, c.window_start, c.cost, c.cost, c.cost, c.rule.limit)
+        ).fetchone()
+        if row is None:
+            raise _OverBudget(c)
+        states.append(c.state(int(row[0])))
+    return states
 
 
 async def usage(

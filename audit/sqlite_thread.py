@@ -1,0 +1,127 @@
+"""One thread that owns one raw `sqlite3` connection and commits in groups.
+
+Why not SQLAlchemy over aiosqlite on the hot path: every statement there is a round trip to
+aiosqlite's thread (begin, execute, commit, the pool's reset), each waking the event loop, and
+the two threads fight over the GIL. Here a caller hands over a function of the connection; the
+thread runs every function queued meanwhile inside ONE transaction (a savepoint each, so one
+failing function does not undo the others), commits once, and wakes the event loop once for the
+whole group. sqlite3 releases the GIL while SQLite works, so the loop keeps serving meanwhile.
+
+Only for SQLite files: an in-memory database is private to its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], Any]
+
+_STOP = object()
+
+
+class SQLiteThread:
+    """`await run(fn)` returns `fn(conn)`'s value once the transaction it ran in is committed.
+
+    `fn` runs inside a savepoint: if it raises, its own changes are rolled back and the caller
+    gets the exception, while the rest of the group still commits. If the COMMIT itself fails,
+    every caller of the group gets `sqlite3.Error`.
+    """
+
+    def __init__(self, path: str, *, synchronous: str, name: str, max_group: int = 1000) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be FULL or NORMAL")
+        self.path = path
+        self._synchronous = synchronous
+        self._max_group = max_group
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._thread.is_alive():
+            raise sqlite3.OperationalError(f"{self.path}: the writer thread has stopped")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((loop, fut, fn))
+        return await fut
+
+    def close(self) -> None:
+        """Finish what is queued, then stop and close the connection."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _main(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=10000")
+        except BaseException as exc:  # handed to the constructor's caller
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                group = [self._queue.get()]
+                while len(group) < self._max_group:
+                    try:
+                        group.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(item is _STOP for item in group)
+                work = [item for item in group if item is not _STOP]
+                if work:
+                    self._commit(conn, work)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, work: list[Any]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for _loop, _fut, fn in work:
+                conn.execute("SAVEPOINT w")
+                try:
+                    outcomes.append((True, fn(conn)))
+                    conn.execute("RELEASE w")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(False, exc)] * len(work)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (loop, fut, _fn), (ok, value) in zip(work, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, done in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop was closed while we worked
+                loop.call_soon_threadsafe(_deliver, done)
+
+
+def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in done:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
