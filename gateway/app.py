@@ -8,6 +8,7 @@ and a problem (bad policy, unreadable key file) stops start-up with a message na
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -441,6 +442,10 @@ async def serve(cfg: Config, sockets: Sequence[socket.socket] | None = None) -> 
     held = hold_stop_signals()
     try:
         await gw.start()
+        # Everything loaded at start-up (policies, Presidio, the SDK's types: ~200,000 objects)
+        # lives for good; frozen, it is no longer walked by each full collection (~110 ms each).
+        gc.collect()
+        gc.freeze()
         sock = sockets[0] if sockets else bind(cfg.listen.host, cfg.listen.port)
         await server_for(build_app(gw), sock, "info").serve(sockets=[sock])
     finally:

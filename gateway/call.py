@@ -135,6 +135,11 @@ class ToolCall:
     """The human approval this call uses (approved, to be consumed) or waits for (held)."""
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
+    forwarded: float | None = None
+    """`perf_counter()` when the call was handed to the upstream: `bastion_upstream_seconds` starts here."""
+
+    def upstream_seconds(self) -> float:
+        return time.perf_counter() - (self.forwarded or self.started)
 
     @property
     def resource(self) -> str:

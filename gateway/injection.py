@@ -97,10 +97,21 @@ def _excerpt(text: str, start: int, end: int) -> str:
     return snippet[:_EXCERPT]
 
 
-def scan_text(text: str, where: str, other_tools: Iterable[str] = (), self_name: str = "") -> list[Finding]:
-    """Findings in one piece of text; `other_tools` are names whose mention is suspicious."""
+def scan_text(
+    text: str,
+    where: str,
+    other_tools: Iterable[str] = (),
+    self_name: str = "",
+    kinds: frozenset[str] | None = None,
+) -> list[Finding]:
+    """Findings in one piece of text; `other_tools` are names whose mention is suspicious.
+
+    `kinds`: run only these detectors (None: all). Results need only two of them, and the
+    others are the costly part of a scan."""
     found: list[Finding] = []
-    hidden = [c for c in text if _hidden(c)]
+    # Every hidden character is outside ASCII, and `isascii()` costs nothing: most text skips
+    # the per-character loop.
+    hidden = [] if text.isascii() else [c for c in text if _hidden(c)]
     if hidden:
         tags = _tag_text(text)
         codes = sorted({f"U+{ord(c):04X}" for c in hidden})
@@ -112,9 +123,10 @@ def scan_text(text: str, where: str, other_tools: Iterable[str] = (), self_name:
     if hidden and (tags := _tag_text(text)):
         plain = f"{plain} {tags}"
     plain = re.sub(r"\s+", " ", plain)
-    for m in _OVERRIDE.finditer(plain):
+    if m := _OVERRIDE.search(plain):
         found.append(Finding("instruction_override", where, _excerpt(plain, m.start(), m.end())))
-        break
+    if kinds is not None and not kinds & {"tool_reference", "secret_reference"}:
+        return [f for f in found if f.kind in kinds]
     own = self_name.lower()
     for m in _CALL_OTHER.finditer(plain):
         if m.group(1).lower() not in (own, "this", "that", "a", "an", "these"):
@@ -130,7 +142,7 @@ def scan_text(text: str, where: str, other_tools: Iterable[str] = (), self_name:
                 break
     if m3 := _SECRET.search(plain):
         found.append(Finding("secret_reference", where, _excerpt(plain, m3.start(), m3.end())))
-    return found
+    return found if kinds is None else [f for f in found if f.kind in kinds]
 
 
 def _distinctive(name: str) -> bool:

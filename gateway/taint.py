@@ -82,7 +82,7 @@ def scan_result(result: dict[str, Any]) -> list[Finding]:
         if budget <= 0:
             break
         budget -= len(text)
-        found.extend(f for f in scan_text(text[:SCAN_LIMIT], where) if f.kind in RESULT_KINDS)
+        found.extend(scan_text(text[:SCAN_LIMIT], where, kinds=RESULT_KINDS))
     return found
 
 

@@ -460,6 +460,7 @@ class MCPFront:
         msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
         x = Exchange(up, call.principal, msg, jsonrpc.dumps(msg), None, None, True, call.trace_id)
         try:
+            call.forwarded = time.perf_counter()
             delivered = await self.guard(up).deliver(call.tool, lambda: self._send(x))
         except UpstreamError as err:
             await self._not_run(call, err)
@@ -494,7 +495,7 @@ class MCPFront:
             else:
                 status, why = "completed", None
             latency = self.pipeline.elapsed_ms(call)
-            metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(latency / 1000)
+            metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(call.upstream_seconds())
             if isinstance(error, dict):
                 metrics.UPSTREAM_ERRORS.labels(call.upstream, "jsonrpc").inc()
             outcome = Outcome(status, latency, 200, why, sha256_hex(raw))
@@ -557,6 +558,7 @@ class MCPFront:
         delivered: Delivered | None = None
         try:
             if call is not None:
+                call[0].forwarded = time.perf_counter()
                 delivered = await self.guard(x.upstream).deliver(call[0].tool, lambda: self._send(x))
                 reply, restore_id = delivered.reply, delivered.extra
             else:
@@ -728,7 +730,7 @@ class MCPFront:
             status = "dead_letter"
             upstream_status = upstream_status or err.upstream_status
         latency = self.pipeline.elapsed_ms(tool_call)
-        metrics.UPSTREAM_SECONDS.labels(tool_call.upstream).observe(latency / 1000)
+        metrics.UPSTREAM_SECONDS.labels(tool_call.upstream).observe(tool_call.upstream_seconds())
         kind = "timeout" if status == "timeout" else "http" if upstream_status else "transport"
         if isinstance(err, CircuitOpen | DeadLetter):
             kind = err.code
