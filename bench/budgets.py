@@ -1,5 +1,7 @@
 """Budget consume cost: µs per call for one matching budget, SQLite and (when set) PostgreSQL.
 
+SQLite goes through the state DB's group-committing writer thread, as in the gateway.
+
 `python -m bench.budgets` prints a table; `run()` returns rows for the harness.
 """
 
@@ -18,7 +20,7 @@ from sqlalchemy import delete
 from gateway import config as config_mod
 from gateway.call import Principal, ToolCall
 from gateway.stages.budget import BudgetStage
-from gateway.state import budget_usage, open_state
+from gateway.state import budget_usage, open_state, sqlite_writer
 
 RULE = {"name": "bench", "per": ["user"], "limit": 10**12, "window": "1d"}
 USER = Principal(sub="bench-user", issuer="bench")
@@ -27,10 +29,11 @@ USER = Principal(sub="bench-user", issuer="bench")
 async def _measure(url: str, n: int, concurrency: int) -> dict[str, Any]:
     rule = config_mod.parse({"budgets": [RULE]}, Path(".")).budgets[0]
     engine = await open_state(url)
+    writer = await sqlite_writer(engine)  # as the gateway runs it: None on PostgreSQL
     try:
         async with engine.begin() as conn:
             await conn.execute(delete(budget_usage).where(budget_usage.c.budget == "bench"))
-        stage = BudgetStage([rule], engine)
+        stage = BudgetStage([rule], engine, writer)
         for _ in range(50):
             await stage(ToolCall("bench", "echo", {}, principal=USER))
         samples: list[float] = []
@@ -46,6 +49,8 @@ async def _measure(url: str, n: int, concurrency: int) -> dict[str, Any]:
         await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
     finally:
+        if writer is not None:
+            await asyncio.to_thread(writer.close)
         await engine.dispose()
     return {
         "store": url.split("+")[0],

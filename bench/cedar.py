@@ -39,7 +39,7 @@ _TOOLS = {
     },
     "demo/echo": {"type": "object", "properties": {"text": {"type": "string"}}},
 }
-_DEMO_POLICIES = 3
+_DEMO_POLICIES = sum(1 for line in _DEMO.splitlines() if line.startswith("@id("))
 
 
 def _extra(n: int, shape: Shape) -> str:
