@@ -1,8 +1,10 @@
 """One benchmark run: direct vs. through Bastion, side by side, plus micro-benchmarks.
 
-(a) the upstream directly; (b) Bastion with identity + policy (+ budgets when this build has
-them) + audit; (c) (b) plus redaction of a 1 KB argument, when this build has redaction. Every
-server runs in its own process; the load generator runs in this one.
+(a) the upstream directly; (p) a bare forwarding proxy on Bastion's HTTP stack, no governance
+(`bench.passthrough`: the floor any proxy written this way stands on); (b) Bastion with identity +
+policy (+ budgets when this build has them) + audit; (c) (b) plus redaction of a 1 KB argument,
+when this build has redaction. Every server runs in its own process; the load generator runs in
+this one.
 """
 
 from __future__ import annotations
@@ -139,6 +141,13 @@ def run(
             a = Scenario("a", "direct to the upstream")
             a.result = _load(upstream_url, None, SMALL_ARGS, n, concurrency, up_pid)
             r.scenarios["a"] = a
+
+            p = Scenario("p", "a bare Python proxy on Bastion's stack (the floor, no governance)")
+            with processes.passthrough(work, upstream_url) as (proxy, proxy_url):
+                p.result = _load(
+                    proxy_url, None, SMALL_ARGS, n, concurrency, {**up_pid, "bastion": proxy.pid}
+                )
+            r.scenarios["p"] = p
 
             spine = Scenario("b0", "Bastion: identity + policy + audit")
             if refused["budgets"] is None:

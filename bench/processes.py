@@ -150,24 +150,44 @@ def upstream(work: Path) -> Iterator[tuple[Proc, str]]:
     proc = Proc("upstream", [sys.executable, "-m", "bench.upstream", str(port)], work / "upstream.log")
     try:
         url = f"http://127.0.0.1:{port}/mcp"
-        discover = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "server/discover",
-            "params": {
-                "_meta": {
-                    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                    "io.modelcontextprotocol/clientCapabilities": {},
-                }
-            },
-        }
-        headers = {
-            "mcp-protocol-version": "2026-07-28",
-            "mcp-method": "server/discover",
-            "content-type": "application/json",
-            "accept": "application/json, text/event-stream",
-        }
-        wait_ready(proc, url, (200,), method="POST", content=json.dumps(discover), headers=headers)
+        content, headers = _discover_probe()
+        wait_ready(proc, url, (200,), method="POST", content=content, headers=headers)
+        yield proc, url
+    finally:
+        proc.stop()
+
+
+def _discover_probe() -> tuple[str, dict[str, str]]:
+    discover = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "server/discover",
+        "params": {
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }
+        },
+    }
+    headers = {
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "server/discover",
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+    }
+    return json.dumps(discover), headers
+
+
+@contextlib.contextmanager
+def passthrough(work: Path, upstream_url: str) -> Iterator[tuple[Proc, str]]:
+    """The bare forwarding proxy of scenario (p) (`bench.passthrough`), in its own process."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.passthrough", str(port), upstream_url]
+    proc = Proc("passthrough", argv, work / "passthrough.log")
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        content, headers = _discover_probe()
+        wait_ready(proc, url, (200,), method="POST", content=content, headers=headers)
         yield proc, url
     finally:
         proc.stop()

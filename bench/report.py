@@ -14,7 +14,8 @@ from bench.profile import markdown as profile_markdown
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
-LABELS = {"a": "a", "b0": "b0", "b": "b", "a_kb": "a, 1 KB", "c": "c"}
+LABELS = {"a": "a", "p": "p", "b0": "b0", "b": "b", "a_kb": "a, 1 KB", "c": "c"}
+ORDER = ("a", "p", "b0", "b", "a_kb", "c")
 TARGETS = {"p50_ms": 1.0, "p99_ms": 5.0, "ratio": 0.60}
 
 
@@ -55,7 +56,15 @@ def _verdict(run: Run) -> list[str]:
             f"{b.calls_per_s / a.calls_per_s:.0%}",
         ),
     ]
-    return [f"- {'met' if ok else 'MISSED'}: {what} (measured {got})" for what, ok, got in checks]
+    out = [f"- {'met' if ok else 'MISSED'}: {what} (measured {got})" for what, ok, got in checks]
+    floor = run.scenarios.get("p")
+    if floor is not None and floor.result is not None:
+        p = floor.result
+        out.append(
+            f"- for scale, the bare proxy (p), governing nothing: {p.p50 - a.p50:+.2f} ms at p50, "
+            f"{p.p99 - a.p99:+.2f} ms at p99, {p.calls_per_s / a.calls_per_s:.0%} of direct"
+        )
+    return out
 
 
 def render(run: Run) -> str:
@@ -73,7 +82,7 @@ def render(run: Run) -> str:
         "| scenario | calls/s | p50 ms | p95 ms | p99 ms | calls |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for key in ("a", "b0", "b", "a_kb", "c"):
+    for key in ORDER:
         if key in sc:
             s = sc[key]
             lines.append(_row(f"({LABELS[key]}) {s.title}", s.result, s.note))
@@ -82,19 +91,23 @@ def render(run: Run) -> str:
         "| added by Bastion | p50 ms | p95 ms | p99 ms | calls/s ratio |",
         "|---|---:|---:|---:|---:|",
     ]
+    if "p" in sc:
+        lines += _added("p - a (any proxy on this stack, governing nothing)", sc["p"].result, sc["a"].result)
     if "b0" in sc:
         lines += _added("b0 - a (no budgets)", sc["b0"].result, sc["a"].result)
     lines += _added("b - a", sc["b"].result, sc["a"].result)
+    if "p" in sc:
+        lines += _added("b - p (governance over the bare proxy)", sc["b"].result, sc["p"].result)
     if "a_kb" in sc:
         lines += _added("c - a (1 KB argument both)", sc["c"].result, sc["a_kb"].result)
     lines += [
         "",
         "CPU time per call, by process (ms; the three share the machine's cores):",
         "",
-        "| scenario | load generator | upstream | Bastion |",
+        "| scenario | load generator | upstream | Bastion (p: the bare proxy) |",
         "|---|---:|---:|---:|",
     ]
-    for key in ("a", "b0", "b", "a_kb", "c"):
+    for key in ORDER:
         res = sc[key].result if key in sc else None
         if res is not None:
             cpu = res.cpu_ms_per_call

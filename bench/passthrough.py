@@ -1,0 +1,68 @@
+"""The floor of a Python proxy on Bastion's stack: the benchmark's scenario (p).
+
+`python -m bench.passthrough PORT UPSTREAM_URL` serves POST /mcp with the same HTTP server
+(uvicorn with httptools and uvloop) and the same upstream client (httpx over Bastion's lean
+keep-alive transport) as Bastion, and nothing else: no identity, policy, budget or audit. The
+client's body and MCP headers go to the upstream as they came, and its answer comes back as it
+is. What (p) costs over (a) is what any proxy written this way pays before it governs anything;
+what (b) costs over (p) is Bastion's governance.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+import uvicorn
+
+from gateway.upstreams.transport import lean_client
+
+_FORWARDED = ("content-type", "accept", "mcp-protocol-version", "mcp-method", "mcp-name")
+
+
+def app_for(upstream_url: str) -> Any:
+    client = lean_client(timeout=30)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()  # lifespan.startup
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await client.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        wanted = {k.decode(): v.decode() for k, v in scope["headers"] if k.decode() in _FORWARDED}
+        reply = await client.post(upstream_url, content=b"".join(chunks), headers=wanted)
+        headers = [(b"content-type", reply.headers.get("content-type", "application/json").encode())]
+        await send({"type": "http.response.start", "status": reply.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.content})
+
+    return app
+
+
+def main(port: int, upstream_url: str) -> None:
+    app = app_for(upstream_url)
+    gc.collect()
+    gc.freeze()  # as Bastion does after start-up
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http="httptools",
+        loop="uvloop",
+        lifespan="on",
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])
