@@ -6,6 +6,9 @@ configured for it: `headers` (with `${ENV}`), `bearer_token_file` (read at start
 token endpoint, caches it and fetches a new one shortly before it expires. The token request
 travels through the upstream's own pooled client as part of the auth flow, so it needs no
 client of its own. A token endpoint that fails makes the call fail as an `UpstreamError`.
+
+Nor does anything travel back: upstream clients keep no cookies (`NoCookies`). They are shared by
+every caller, so a jar would send a cookie set in answer to one user's call on the next user's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Generator
+from http.cookiejar import CookieJar
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -25,6 +29,17 @@ from gateway.config import OAuthClientConfig, UpstreamConfig
 from gateway.errors import ConfigError, UpstreamError
 
 log = logging.getLogger("bastion.upstream")
+
+
+class NoCookies(CookieJar):
+    """A cookie jar that keeps nothing and adds nothing (for clients shared by every caller)."""
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        return None
+
+    def add_cookie_header(self, request: object) -> None:
+        return None
+
 
 DEFAULT_EXPIRES_S = 300.0
 """Lifetime assumed when a token response has no `expires_in`."""

@@ -27,7 +27,7 @@ from jsonschema.validators import validator_for
 
 from gateway.config import ToolSettings, UpstreamConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.upstreams.credentials import upstream_auth
+from gateway.upstreams.credentials import NoCookies, upstream_auth
 from gateway.upstreams.streamable_http import LEGACY_VERSION, Reply, SharedSession
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -115,6 +115,7 @@ class HTTPToolsUpstream:
         self.client = httpx.AsyncClient(
             headers=headers,
             auth=auth,
+            cookies=NoCookies(),
             timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
             follow_redirects=False,
         )

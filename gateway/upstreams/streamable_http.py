@@ -23,7 +23,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.upstreams.credentials import upstream_auth
+from gateway.upstreams.credentials import NoCookies, upstream_auth
 from gateway.upstreams.transport import lean_client
 
 log = logging.getLogger("bastion.upstream")
@@ -125,6 +125,7 @@ class StreamableHTTPUpstream:
         self.client = make_client(
             headers=headers,
             auth=auth,
+            cookies=NoCookies(),
             timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
