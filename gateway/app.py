@@ -187,7 +187,7 @@ class Gateway:
             pins=self.pins if self.pins.enabled else None,
             recheck=self.recheck_tools,
         )
-        self._mcp.calls = CallRegistry(self.state, cfg.idempotency, hmac_key)
+        self._mcp.calls = CallRegistry(self.state, cfg.idempotency, hmac_key, self.state_writer)
         self._mcp.max_body, self._mcp.max_depth = cfg.listen.max_body_bytes, cfg.listen.max_json_depth
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
         if cfg.policy.watch:

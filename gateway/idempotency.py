@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from sqlalchemy import Boolean, Column, Float, LargeBinary, String, Table, delet
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.sqlite_thread import SQLiteThread
 from gateway.config import IdempotencyConfig
 from gateway.errors import BastionError
 from gateway.state import metadata
@@ -101,8 +103,12 @@ class Claim:
 class CallRegistry:
     """Claims, completes and releases call_ids in the state database."""
 
-    def __init__(self, engine: AsyncEngine, cfg: IdempotencyConfig, key: bytes) -> None:
+    def __init__(
+        self, engine: AsyncEngine, cfg: IdempotencyConfig, key: bytes, writer: SQLiteThread | None = None
+    ) -> None:
         self.engine = engine
+        self._writer = writer
+        """SQLite file: claims and completions share the state DB's group-committing thread."""
         self.cfg = cfg
         self._key = key
         self._claims: dict[str, Claim] = {}
@@ -133,12 +139,23 @@ class CallRegistry:
             "done": False,
             "response": None,
         }
+        cleanup = now >= self._next_cleanup
+        if cleanup:
+            self._next_cleanup = now + CLEANUP_EVERY_S
         try:
             for _ in range(2):
+                if self._writer is not None:
+                    found = await self._writer.run(lambda conn: _claim_sqlite(conn, row, now, cleanup))
+                    if found is None:
+                        self._claims[audit_id] = Claim(who, call_id, audit_id)
+                        return None
+                    if found:
+                        audit, fp, done, response = found
+                        return Previous(call_id, audit, fp == fingerprint, bool(done), response)
+                    continue
                 try:
                     async with self.engine.begin() as conn:  # one commit: the expired claim goes, ours comes
-                        if now >= self._next_cleanup:
-                            self._next_cleanup = now + CLEANUP_EVERY_S
+                        if cleanup:
                             await conn.execute(delete(call_ids).where(t.expires_at < now))
                         else:
                             mine = (t.principal == who) & (t.call_id == call_id) & (t.expires_at < now)
@@ -158,7 +175,7 @@ class CallRegistry:
                     return Previous(
                         call_id, found.audit_id, found.fingerprint == fingerprint, found.done, found.response
                     )
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             raise IdempotencyUnavailable(
                 f"the state database cannot check call_id {call_id!r} ({type(exc).__name__}); "
                 "the call was not forwarded"
@@ -176,13 +193,17 @@ class CallRegistry:
         kept = response if response is not None and len(response) <= self.cfg.max_result_bytes else None
         t = call_ids.c
         try:
+            if self._writer is not None:
+                done = (kept, claim.principal, claim.call_id, audit_id)
+                await self._writer.run(lambda conn: conn.execute(_COMPLETE, done))
+                return
             async with self.engine.begin() as conn:
                 await conn.execute(
                     update(call_ids)
                     .where(t.principal == claim.principal, t.call_id == claim.call_id, t.audit_id == audit_id)
                     .values(done=True, response=kept)
                 )
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             log.error("could not record the outcome of call_id for %s: %s", audit_id, type(exc).__name__)
 
     async def release(self, audit_id: str) -> None:
@@ -192,11 +213,49 @@ class CallRegistry:
             return
         t = call_ids.c
         try:
+            if self._writer is not None:
+                gone = (claim.principal, claim.call_id, audit_id)
+                await self._writer.run(lambda conn: conn.execute(_RELEASE, gone))
+                return
             async with self.engine.begin() as conn:
                 await conn.execute(
                     delete(call_ids).where(
                         t.principal == claim.principal, t.call_id == claim.call_id, t.audit_id == audit_id
                     )
                 )
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             log.error("could not release call_id for %s: %s", audit_id, type(exc).__name__)
+
+
+_COMPLETE = (
+    "UPDATE bastion_call_ids SET done = 1, response = ? WHERE principal = ? AND call_id = ? AND audit_id = ?"
+)
+_RELEASE = "DELETE FROM bastion_call_ids WHERE principal = ? AND call_id = ? AND audit_id = ?"
+
+
+def _claim_sqlite(
+    conn: sqlite3.Connection, row: dict[str, Any], now: float, cleanup: bool
+) -> tuple[Any, ...] | None:
+    """`claim` on the SQLite writer thread: None when claimed; else the first call's
+    (audit_id, fingerprint, done, response), or () when that claim vanished meanwhile."""
+    if cleanup:
+        conn.execute("DELETE FROM bastion_call_ids WHERE expires_at < ?", (now,))
+    else:
+        conn.execute(
+            "DELETE FROM bastion_call_ids WHERE principal = ? AND call_id = ? AND expires_at < ?",
+            (row["principal"], row["call_id"], now),
+        )
+    try:
+        conn.execute(
+            "INSERT INTO bastion_call_ids (principal, call_id, fingerprint, audit_id, expires_at, done,"
+            " response) VALUES (?, ?, ?, ?, ?, 0, NULL)",
+            (row["principal"], row["call_id"], row["fingerprint"], row["audit_id"], row["expires_at"]),
+        )
+    except sqlite3.IntegrityError:
+        found = conn.execute(
+            "SELECT audit_id, fingerprint, done, response FROM bastion_call_ids"
+            " WHERE principal = ? AND call_id = ?",
+            (row["principal"], row["call_id"]),
+        ).fetchone()
+        return tuple(found) if found is not None else ()
+    return None
