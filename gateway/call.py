@@ -6,8 +6,8 @@ the pipeline adds an `Outcome` once the upstream has answered. Nothing here know
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -114,7 +114,9 @@ class ToolCall:
     """The client's MCP session id, when it has one (taint is tracked per session)."""
     session_tainted: bool = False
     """An earlier result in this session carried prompt injection: Cedar's `context.session.tainted`."""
-    trace_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    trace_id: str = field(default_factory=lambda: f"{random.getrandbits(128):032x}")
+    """W3C trace ids need to be unique, not secret (OpenTelemetry's SDKs draw them the same way);
+    `uuid4` asks the kernel for bytes on every call."""
     audit_id: str = field(default_factory=new_id)
     dry_run: bool = False
     """Decide only (`bastion explain`): stages must not consume anything (budgets peek instead)."""
