@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import httpx
-from sqlalchemy import BigInteger, Column, Index, String, Table, Text, insert, select, update
+from sqlalchemy import BigInteger, Column, Index, String, Table, Text, case, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.record import SCHEMA_VERSION, AuditRecord, canonical_json, new_id, shape_of
@@ -252,9 +252,13 @@ class Approvals:
     # -- the gateway's side ------------------------------------------------------------------
 
     async def current(self, binding: str) -> Approval | None:
-        """The newest request for this binding that still matters (pending, approved or denied, in time)."""
+        """The request for this binding that still matters (pending, approved or denied, in time).
+
+        Two identical calls held at the same moment may each have stored a request. A decision
+        on either counts, a denial first: denied, then approved, then the newest pending one."""
         now = _now_ms()
         t = approvals_table
+        standing = case((t.c.status == "denied", 0), (t.c.status == "approved", 1), else_=2)
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -264,7 +268,7 @@ class Approvals:
                         t.c.status.in_(("pending", "approved", "denied")),
                         t.c.expires_ms > now,
                     )
-                    .order_by(t.c.created_ms.desc(), t.c.id.desc())
+                    .order_by(standing, t.c.created_ms.desc(), t.c.id.desc())
                     .limit(1)
                 )
             ).first()

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from gateway import config as config_mod
 from gateway.app import Gateway
 from gateway.approvals import approvals_table
+from gateway.call import Principal, ToolCall
 from gateway.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
 
 POLICY = """
@@ -365,3 +366,33 @@ async def test_webhook_events_are_signed(env: Env, http: httpx.AsyncClient) -> N
     assert events["requested"]["approval"]["url"] == f"{env.base}/approvals/{approval}"
     tampered = HOOKED[0][1].replace(b"requested", b"approved!")
     assert hmac.new(HOOK_KEY, tampered, hashlib.sha256).hexdigest() not in HOOKED[0][0]
+
+
+async def test_a_twin_request_does_not_hide_an_approval(env: Env, http: httpx.AsyncClient) -> None:
+    """Two identical calls held at the same moment may each store a request. Whichever of the
+    two an approver decides, the identical call sees that decision, not the undecided twin."""
+    before = len(EXECUTED)
+    first = held_id(await env.pay(http, 510, "twins"))
+    assert env.gw.approvals is not None
+    fin = Principal(sub="fin", issuer=DEV_ISSUER)
+    twin = await env.gw.approvals.request(
+        ToolCall("bank", "pay", {"amount": 510, "to": "twins"}, principal=fin), [], None
+    )
+    assert twin.id != first and twin.status == "pending"
+
+    ok = await http.post(f"{env.base}/v1/approvals/{first}/approve", headers=env.admin())  # the older one
+    assert ok.status_code == 200, ok.text
+    ran = await env.pay(http, 510, "twins")
+    assert ran.status_code == 200, ran.text
+    assert EXECUTED[before:] == [{"amount": 510, "to": "twins"}]
+
+    # and a denial of either twin refuses the call, even while the other one is still pending
+    first = held_id(await env.pay(http, 520, "twins"))
+    twin = await env.gw.approvals.request(
+        ToolCall("bank", "pay", {"amount": 520, "to": "twins"}, principal=fin), [], None
+    )
+    no = await http.post(f"{env.base}/v1/approvals/{first}/deny", headers=env.admin())
+    assert no.status_code == 200, no.text
+    refused = await env.pay(http, 520, "twins")
+    assert refused.status_code == 403, refused.text
+    assert EXECUTED[before:] == [{"amount": 510, "to": "twins"}]

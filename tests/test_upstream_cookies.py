@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import free_port, make_config, running, running_gateway
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from test_spine import mcp_client
 
 from gateway.demo import demo_server
 from gateway.devkeys import ensure_dev_key
-from tests.conftest import free_port, make_config, running, running_gateway
-from tests.test_spine import mcp_client
 
 
 class CookieSetter:
