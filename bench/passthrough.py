@@ -10,12 +10,10 @@ what (b) costs over (p) is Bastion's governance.
 
 from __future__ import annotations
 
-import gc
 import sys
 from typing import Any
 
-import uvicorn
-
+from bench.upstream import serve
 from gateway.upstreams.transport import lean_client
 
 _FORWARDED = ("content-type", "accept", "mcp-protocol-version", "mcp-method", "mcp-name")
@@ -48,20 +46,7 @@ def app_for(upstream_url: str) -> Any:
 
 
 def main(port: int, upstream_url: str) -> None:
-    app = app_for(upstream_url)
-    gc.collect()
-    gc.freeze()  # as Bastion does after start-up
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        http="httptools",
-        loop="uvloop",
-        lifespan="on",
-        server_header=False,
-    )
+    serve(app_for(upstream_url), port)
 
 
 if __name__ == "__main__":

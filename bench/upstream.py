@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
@@ -23,12 +24,11 @@ def echo_server() -> MCPServer:
     return srv
 
 
-def main(port: int) -> None:
-    app = echo_server().streamable_http_app(
-        streamable_http_path="/mcp", json_response=True, stateless_http=True
-    )
-    # Tuned as Bastion is: without this, a full collection of the SDK's start-up objects stalls
-    # the upstream for ~50 ms every few seconds, and whichever scenario it lands in gets that p99.
+def serve(app: Any, port: int) -> None:
+    """Serve `app` on loopback as Bastion is served (uvicorn, httptools, uvloop), start-up objects
+    frozen as Bastion freezes its own: without that, a full collection of the SDK's start-up
+    objects stalls the process for ~50 ms every few seconds, and whichever scenario it lands in
+    gets that p99."""
     gc.collect()
     gc.freeze()
     uvicorn.run(
@@ -41,6 +41,15 @@ def main(port: int) -> None:
         loop="uvloop",
         lifespan="on",
         server_header=False,
+    )
+
+
+def main(port: int) -> None:
+    serve(
+        echo_server().streamable_http_app(
+            streamable_http_path="/mcp", json_response=True, stateless_http=True
+        ),
+        port,
     )
 
 
