@@ -25,17 +25,9 @@ from gateway import metrics
 from gateway.call import Principal, ToolCall
 from gateway.errors import AuthError, BastionError, ForbiddenError, SessionError
 from gateway.fronts import jsonrpc
+from gateway.fronts.eras import HANDSHAKE_VERSIONS, MODERN_VERSIONS, check_modern_headers
 from gateway.fronts.inline import elicitation_modes, modern_elicitation
-from gateway.fronts.mcp import (
-    HANDSHAKE_VERSIONS,
-    MODERN_VERSIONS,
-    Exchange,
-    MCPFront,
-    _call_id,
-    _check_modern_headers,
-    _read_body,
-    _trace_id,
-)
+from gateway.fronts.mcp import Exchange, MCPFront, _call_id, _read_body, _trace_id
 from gateway.stages.identity import require_scopes
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.streamable_http import LEGACY_VERSION, MODERN_VERSION
@@ -105,7 +97,7 @@ class AggregateFront:
             modern = False
         elif headers.get("mcp-protocol-version") in MODERN_VERSIONS or meta_version in MODERN_VERSIONS:
             modern = True
-            _check_modern_headers(headers, msg)
+            check_modern_headers(headers, msg)
             elicitation = modern_elicitation(params)
         else:
             raise SessionError("missing Mcp-Session-Id: send initialize first, or speak 2026-07-28", 400)

@@ -13,6 +13,9 @@ learned once (see `upstreams.streamable_http`). Four pairings:
 - modern -> legacy: requests ride one shared upstream session with ids rewritten, so two
   stateless clients both sending id 1 cannot collide. `server/discover` is answered by Bastion.
 
+What differs between the eras on the wire, and the translations, are in `eras.py`; Bastion's own
+answers to a refused, held or repeated call in `results.py`; inline approval in `inline.py`.
+
 `tools/call` is governed by the pipeline; `tools/list` is filtered to what the caller may call;
 everything else passes through. Upstream SSE streams are relayed event by event as they arrive;
 only the final response of a governed call is held back until its audit record is durable.
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import logging
 import re
@@ -34,8 +36,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from httpx_sse import ServerSentEvent
-from jsonschema.validators import validator_for
-from referencing import Registry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -57,7 +57,18 @@ from gateway.errors import (
 )
 from gateway.fronts import jsonrpc
 from gateway.fronts.client_info import client_name
+from gateway.fronts.eras import (
+    HANDSHAKE_VERSIONS,
+    MODERN_VERSIONS,
+    check_modern_headers,
+    discover_result,
+    initialize_body,
+    modernize,
+    response_to,
+    send_in_era,
+)
 from gateway.fronts.inline import InlineApprovals, elicitation_modes, modern_elicitation
+from gateway.fronts.results import denied_result, repeat_answer
 from gateway.fronts.sessions import Session, SessionSigner
 from gateway.idempotency import CallRegistry, DuplicateCall, IdempotencyUnavailable, Previous
 from gateway.pinning import ToolPins
@@ -68,7 +79,6 @@ from gateway.upstreams.resilience import Delivered, FaultGuard, may_have_run, su
 from gateway.upstreams.streamable_http import (
     LEGACY_VERSION,
     MODERN_META,
-    MODERN_VERSION,
     Reply,
     first_message,
 )
@@ -78,12 +88,7 @@ log = logging.getLogger("bastion.mcp")
 MAX_BODY = 1024 * 1024
 """Default of listen.max_body_bytes."""
 MAX_OUTPUT_SCHEMAS = 10_000
-DECISION_META = "bastion/decision"
-PLACEHOLDER_CLIENT_VERSION = "0.0.0-unknown"
-HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
-MODERN_VERSIONS = (MODERN_VERSION,)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_ids = itertools.count(1)
 
 Final = Callable[[dict[str, Any], bytes], Awaitable[bytes]]
 """Turns the upstream's final response (parsed, raw) into the bytes sent to the client."""
@@ -273,7 +278,7 @@ class MCPFront:
             modern = False
         elif headers.get("mcp-protocol-version") in MODERN_VERSIONS or meta_version in MODERN_VERSIONS:
             modern = True
-            _check_modern_headers(headers, msg)
+            check_modern_headers(headers, msg)
         else:
             raise SessionError("missing Mcp-Session-Id: send initialize first, or speak 2026-07-28", 400)
         x = Exchange(
@@ -307,14 +312,14 @@ class MCPFront:
                 return Response(status_code=202)
         if era == "legacy" and modern and method == "server/discover":
             return Response(
-                jsonrpc.result(msg.get("id"), _discover_result(upstream)), media_type="application/json"
+                jsonrpc.result(msg.get("id"), discover_result(upstream)), media_type="application/json"
             )
         return await self._forward(x, None)
 
     async def _initialize(self, x: Exchange) -> Response:
         up = x.upstream
         if await up.detect() == "legacy":
-            reply = await up.send("POST", _initialize_body(x))
+            reply = await up.send("POST", initialize_body(x))
             upstream_session = reply.response.headers.get("mcp-session-id")
             if reply.status != 200:
                 return Response(await reply.body(), reply.status, media_type="application/json")
@@ -410,7 +415,7 @@ class MCPFront:
     ) -> Response:
         """Forward a call the pipeline let through (unless it repeats a call_id already used)."""
         if (previous := await self._check_repeat(call, decision, key)) is not None:
-            answer = _repeat_answer(previous, x.msg.get("id"), x.modern)
+            answer = repeat_answer(previous, x.msg.get("id"), x.modern)
             return Response(answer, media_type="application/json")
         if call.forward_args is not None:  # redacted: the client's bytes must not be forwarded
             x.msg = {**x.msg, "params": {**x.params, "arguments": call.forward_args}}
@@ -596,7 +601,7 @@ class MCPFront:
                 raise malformed from None
             if restore_id:
                 msg["id"] = request_id
-                _modernize(msg, x.method)
+                modernize(msg, x.method)
                 raw = jsonrpc.dumps(msg)
             out = await final(msg, raw) if final else raw
             return Response(out, reply.status, media_type="application/json", headers=passthrough)
@@ -615,59 +620,8 @@ class MCPFront:
         )
 
     async def _send(self, x: Exchange) -> tuple[Reply, tuple[Any] | None]:
-        reply, restore = await self._send_in_era(x, _traceparent(x.trace_id) if x.trace_id else {})
+        reply, restore = await send_in_era(x, _traceparent(x.trace_id) if x.trace_id else {})
         return reply, restore
-
-    async def _send_in_era(self, x: Exchange, trace: dict[str, str]) -> tuple[Reply, tuple[Any] | None]:
-        up = x.upstream
-        era = await up.detect()
-        method = x.method
-        long_lived = method == "subscriptions/listen"
-        if era == "modern":
-            if x.modern:
-                return await up.send("POST", x.body, _mcp_headers_of(x) | trace, long_lived=long_lived), None
-            msg = dict(x.msg)
-            if "method" in msg:
-                params = dict(x.params)
-                params["_meta"] = {**(params.get("_meta") or {}), **MODERN_META}
-                msg["params"] = params
-            name = x.params.get("name") if method in ("tools/call", "prompts/get") else x.params.get("uri")
-            hdrs = up.modern_headers(method, name if isinstance(name, str) else None) | trace
-            return await up.send("POST", jsonrpc.dumps(msg), hdrs, long_lived=long_lived), None
-        if x.session is not None:
-            hdrs = {"mcp-protocol-version": x.session.version, **trace}
-            if x.session.upstream_session:
-                hdrs["mcp-session-id"] = x.session.upstream_session
-            return await up.send("POST", x.body, hdrs, long_lived=long_lived), None
-        # A stateless client on a legacy upstream: the shared session, with a private request id.
-        msg = dict(x.msg)
-        restore: tuple[Any] | None = None
-        if "id" in msg and "method" in msg:
-            msg["id"] = f"bastion-{next(_ids)}"
-            restore = (msg["id"],)
-        if "method" in msg:
-            params = dict(x.params)
-            meta = {
-                k: v
-                for k, v in (params.get("_meta") or {}).items()
-                if not k.startswith("io.modelcontextprotocol/")
-            }
-            params.pop("_meta", None)
-            if meta:
-                params["_meta"] = meta
-            msg["params"] = params
-        body = jsonrpc.dumps(msg)
-        for attempt in range(2):
-            shared = up.shared.id
-            hdrs = {"mcp-protocol-version": up.shared.version, **trace}
-            if shared:
-                hdrs["mcp-session-id"] = shared
-            reply = await up.send("POST", body, hdrs, long_lived=long_lived)
-            if reply.status != 404 or attempt == 1:
-                return reply, restore
-            await reply.aclose()
-            await up.reopen_shared(shared)
-        raise AssertionError("unreachable")
 
     async def _relay(
         self,
@@ -691,11 +645,11 @@ class MCPFront:
                 if upstream is not None and _LIST_CHANGED in data:
                     self._tools_changed(upstream)
                 if final is not None or restore:
-                    msg = _response_to(data, upstream_id)
+                    msg = response_to(data, upstream_id)
                     if msg is not None:
                         if restore:
                             msg["id"] = request_id
-                            _modernize(msg, restore)
+                            modernize(msg, restore)
                             data = jsonrpc.dumps(msg).decode()
                         if final is not None:
                             data = (await final(msg, data.encode())).decode()
@@ -847,86 +801,8 @@ async def _whole_answer(delivered: Delivered) -> dict[str, Any]:
     raise UpstreamError("upstream stream ended without a response")
 
 
-def _initialize_body(x: Exchange) -> bytes:
-    """The client's `initialize`, with a placeholder `clientInfo.version` if it sent none.
-
-    Some clients omit it; servers on the mcp 2.3 SDK refuse such an `initialize` (-32602).
-    """
-    info = x.params.get("clientInfo")
-    if isinstance(info, dict) and isinstance(info.get("version"), str):
-        return x.body
-    info = {"name": "unknown", **info} if isinstance(info, dict) else {"name": "unknown"}
-    info["version"] = PLACEHOLDER_CLIENT_VERSION
-    return jsonrpc.dumps({**x.msg, "params": {**x.params, "clientInfo": info}})
-
-
-def _check_modern_headers(headers: Any, msg: dict[str, Any]) -> None:
-    """2026-07-28 requests repeat the method (and tool/prompt/resource name) in headers."""
-    method = msg.get("method")
-    if method is None:
-        return
-    if headers.get("mcp-method") != method:
-        raise ProtocolError(
-            f"Mcp-Method header does not match the body's method {method!r}", jsonrpc.HEADER_MISMATCH
-        )
-    params = msg.get("params") or {}
-    key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
-    if key is not None and headers.get("mcp-name") != params.get(key):
-        raise ProtocolError(f"Mcp-Name header does not match the body's {key}", jsonrpc.HEADER_MISMATCH)
-
-
-def _mcp_headers_of(x: Exchange) -> dict[str, str]:
-    hdrs = {"mcp-protocol-version": MODERN_VERSION, "mcp-method": x.method}
-    name = x.params.get("uri") if x.method == "resources/read" else x.params.get("name")
-    if isinstance(name, str) and x.method in ("tools/call", "prompts/get", "resources/read"):
-        hdrs["mcp-name"] = name
-    return hdrs
-
-
-def _response_to(data: str, request_id: Any) -> dict[str, Any] | None:
-    """The parsed message if this SSE payload is the response to `request_id`, else None."""
-    if not data or '"id"' not in data:
-        return None
-    try:
-        msg = json.loads(data)
-    except ValueError:
-        return None
-    if isinstance(msg, dict) and msg.get("id") == request_id and ("result" in msg or "error" in msg):
-        return msg
-    return None
-
-
 _LIST_CHANGED = "notifications/tools/list_changed"
 _LIST_CHANGED_RAW = _LIST_CHANGED.encode()
-
-_CACHEABLE = frozenset(
-    {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
-)
-
-
-def _modernize(msg: dict[str, Any], method: str) -> None:
-    """Give a legacy upstream's result the fields a 2026-07-28 client requires."""
-    result = msg.get("result")
-    if not isinstance(result, dict):
-        return
-    result.setdefault("resultType", "complete")
-    if method in _CACHEABLE:
-        result.setdefault("ttlMs", 0)
-        result.setdefault("cacheScope", "private")
-
-
-def _discover_result(up: Upstream) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "supportedVersions": [MODERN_VERSION],
-        "capabilities": up.capabilities,
-        "resultType": "complete",
-        "ttlMs": 0,
-        "cacheScope": "private",
-        "_meta": {"io.modelcontextprotocol/serverInfo": up.server_info},
-    }
-    if up.instructions:
-        result["instructions"] = up.instructions
-    return result
 
 
 def _traceparent(trace_id: str) -> dict[str, str]:
@@ -956,96 +832,6 @@ def _stable_call_id(x: Exchange, from_session: bool) -> str | None:
     return f"s-{hashlib.sha256(x.session_id.encode()).hexdigest()[:24]}-{str(msg_id)[:150]}"
 
 
-def _repeat_answer(previous: Previous, msg_id: Any, modern: bool) -> bytes:
-    """The first call's response (with this request's id) when it was kept; else a tool error."""
-    if previous.same_call and previous.response is not None:
-        try:
-            first = json.loads(previous.response)
-        except ValueError:
-            first = None
-        if isinstance(first, dict):
-            first["id"] = msg_id
-            result = first.get("result")
-            if isinstance(result, dict):
-                meta = result.get("_meta")
-                result["_meta"] = {
-                    **(meta if isinstance(meta, dict) else {}),
-                    "bastion/duplicate_of": previous.audit_id,
-                }
-            return jsonrpc.dumps(first)
-    answer: dict[str, Any] = {
-        "content": [{"type": "text", "text": previous.message}],
-        "isError": True,
-        "_meta": {"bastion/duplicate_of": previous.audit_id},
-    }
-    if modern:
-        answer["resultType"] = "complete"
-    return jsonrpc.result(msg_id, answer)
-
-
 def _call_id(msg: dict[str, Any]) -> str | None:
     msg_id = msg.get("id")
     return None if msg_id is None else str(msg_id)[:200]
-
-
-def denied_result(
-    decision: Decision, audit_id: str, output_schema: Any = None, approval: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """A denial as a tool result the model can read and act on (not a protocol error).
-
-    A call held for a human (`approval`: id, URL, approvers) reads "approval required: <id>; ask
-    <approvers>", and the id and URL are added to `structuredContent` and `_meta`.
-
-    The machine-readable decision is in `structuredContent` and in `_meta["bastion/decision"]`.
-    When the tool declares an `outputSchema`, `structuredContent` must conform to it: TypeScript
-    SDK v1 clients validate it even on `isError` results and would turn the denial into a
-    protocol error. Required string properties then carry the denial text; if the decision still
-    does not conform, `structuredContent` is left out and only `_meta` carries it.
-    """
-    reasons = (
-        "; ".join(
-            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
-            for r in decision.reasons
-        )
-        or "denied"
-    )
-    structured: dict[str, Any] = {
-        "decision": decision.effect,
-        "reasons": [r.to_json() for r in decision.reasons],
-        "audit_id": audit_id,
-    }
-    if approval is not None:
-        reasons = (
-            f"approval required: {approval['approval_id']}; ask {approval['approvers']} "
-            f"({approval['approval_url']}), then make the same call again"
-        )
-        structured |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
-    result: dict[str, Any] = {
-        "content": [{"type": "text", "text": reasons}],
-        "isError": True,
-        "_meta": {DECISION_META: dict(structured)},
-    }
-    if output_schema is not None:
-        fitted = _fit_to_schema(structured, reasons, output_schema)
-        if fitted is None:
-            return result
-        structured = fitted
-    result["structuredContent"] = structured
-    return result
-
-
-def _fit_to_schema(structured: dict[str, Any], text: str, schema: Any) -> dict[str, Any] | None:
-    """`structured`, with required string properties set to `text`, if that conforms to `schema`."""
-    try:
-        validator = validator_for(schema)(schema, registry=Registry())
-        if validator.is_valid(structured):
-            return structured
-        props = schema.get("properties") or {}
-        fitted = dict(structured)
-        for name in schema.get("required") or []:
-            prop = props.get(name)
-            if name not in fitted and isinstance(prop, dict) and prop.get("type") == "string":
-                fitted[name] = text
-        return fitted if validator.is_valid(fitted) else None
-    except Exception:  # an unusable schema: no structuredContent rather than one that may not conform
-        return None

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.call import Decision, Reason
 from gateway.devkeys import DEV_ISSUER
-from gateway.fronts.mcp import DECISION_META, denied_result
+from gateway.fronts.results import DECISION_META, denied_result
 
 ACCEPT = "application/json, text/event-stream"
 

@@ -1,0 +1,106 @@
+"""Bastion's own answers to a `tools/call`: a refusal or a held call as a tool result the model
+can read, and a repeated call_id answered with the first call's response."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jsonschema.validators import validator_for
+from referencing import Registry
+
+from gateway.call import Decision
+from gateway.fronts import jsonrpc
+from gateway.idempotency import Previous
+
+DECISION_META = "bastion/decision"
+
+
+def repeat_answer(previous: Previous, msg_id: Any, modern: bool) -> bytes:
+    """The first call's response (with this request's id) when it was kept; else a tool error."""
+    if previous.same_call and previous.response is not None:
+        try:
+            first = json.loads(previous.response)
+        except ValueError:
+            first = None
+        if isinstance(first, dict):
+            first["id"] = msg_id
+            result = first.get("result")
+            if isinstance(result, dict):
+                meta = result.get("_meta")
+                result["_meta"] = {
+                    **(meta if isinstance(meta, dict) else {}),
+                    "bastion/duplicate_of": previous.audit_id,
+                }
+            return jsonrpc.dumps(first)
+    answer: dict[str, Any] = {
+        "content": [{"type": "text", "text": previous.message}],
+        "isError": True,
+        "_meta": {"bastion/duplicate_of": previous.audit_id},
+    }
+    if modern:
+        answer["resultType"] = "complete"
+    return jsonrpc.result(msg_id, answer)
+
+
+def denied_result(
+    decision: Decision, audit_id: str, output_schema: Any = None, approval: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A denial as a tool result the model can read and act on (not a protocol error).
+
+    A call held for a human (`approval`: id, URL, approvers) reads "approval required: <id>; ask
+    <approvers>", and the id and URL are added to `structuredContent` and `_meta`.
+
+    The machine-readable decision is in `structuredContent` and in `_meta["bastion/decision"]`.
+    When the tool declares an `outputSchema`, `structuredContent` must conform to it: TypeScript
+    SDK v1 clients validate it even on `isError` results and would turn the denial into a
+    protocol error. Required string properties then carry the denial text; if the decision still
+    does not conform, `structuredContent` is left out and only `_meta` carries it.
+    """
+    reasons = (
+        "; ".join(
+            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
+            for r in decision.reasons
+        )
+        or "denied"
+    )
+    structured: dict[str, Any] = {
+        "decision": decision.effect,
+        "reasons": [r.to_json() for r in decision.reasons],
+        "audit_id": audit_id,
+    }
+    if approval is not None:
+        reasons = (
+            f"approval required: {approval['approval_id']}; ask {approval['approvers']} "
+            f"({approval['approval_url']}), then make the same call again"
+        )
+        structured |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
+    result: dict[str, Any] = {
+        "content": [{"type": "text", "text": reasons}],
+        "isError": True,
+        "_meta": {DECISION_META: dict(structured)},
+    }
+    if output_schema is not None:
+        fitted = fit_to_schema(structured, reasons, output_schema)
+        if fitted is None:
+            return result
+        structured = fitted
+    result["structuredContent"] = structured
+    return result
+
+
+def fit_to_schema(structured: dict[str, Any], text: str, schema: Any) -> dict[str, Any] | None:
+    """`structured`, with required string properties set to `text`, if that conforms to `schema`."""
+    try:
+        validator = validator_for(schema)(schema, registry=Registry())
+        if validator.is_valid(structured):
+            return structured
+        props = schema.get("properties") or {}
+        fitted = dict(structured)
+        for name in schema.get("required") or []:
+            prop = props.get(name)
+            if name not in fitted and isinstance(prop, dict) and prop.get("type") == "string":
+                fitted[name] = text
+        return fitted if validator.is_valid(fitted) else None
+    except Exception:  # an unusable schema: no structuredContent rather than one that may not conform
+        return None
