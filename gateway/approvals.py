@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import socket
 import time
 import uuid
@@ -52,6 +53,11 @@ from gateway.state import metadata
 __all__ = ["Approval", "ApprovalError", "Approvals", "binding_of"]
 
 log = logging.getLogger("bastion.approvals")
+
+RETRY_BASE_S = 1.0
+RETRY_STATUSES = frozenset({408, 429})
+"""Webhook answers worth another attempt, besides every 5xx."""
+CLOSE_GRACE_S = 5.0
 
 Status = Literal["pending", "approved", "denied", "expired", "consumed"]
 FINAL: frozenset[str] = frozenset({"denied", "expired", "consumed"})
@@ -232,9 +238,14 @@ class Approvals:
             self._http = httpx.AsyncClient(timeout=cfg.webhook.timeout_s, follow_redirects=False)
 
     async def aclose(self) -> None:
-        """Wait for webhook deliveries in flight, then close the client."""
+        """Give webhook deliveries in flight a moment to finish (retries are not waited for long),
+        then close the client."""
         if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+            _, late = await asyncio.wait(self._sending, timeout=CLOSE_GRACE_S)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
 
@@ -481,6 +492,7 @@ class Approvals:
 
     def notify(self, approval: Approval, event: str, by: str | None, note: str | None) -> None:
         """POST the event to the webhook in the background: a slow receiver never delays a call."""
+        metrics.APPROVAL_EVENTS.labels(event).inc()
         if self._http is None:
             return
         body = {
@@ -495,12 +507,32 @@ class Approvals:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, body: bytes) -> None:
+        """Deliver one event, retrying what may succeed later. Every attempt carries the same
+        `X-Bastion-Delivery` id, so a receiver that saw an attempt whose answer was lost can
+        drop the repeat."""
         assert self._http is not None and self._hook_key is not None and self.cfg.webhook is not None
+        hook = self.cfg.webhook
         signature = hmac.new(self._hook_key, body, hashlib.sha256).hexdigest()
-        headers = {"content-type": "application/json", "x-bastion-signature": f"sha256={signature}"}
-        try:
-            resp = await self._http.post(self.cfg.webhook.url, content=body, headers=headers)
-            if resp.status_code >= 300:
-                log.warning("approval webhook answered HTTP %d", resp.status_code)
-        except httpx.HTTPError as exc:
-            log.warning("approval webhook failed: %s", type(exc).__name__)
+        headers = {
+            "content-type": "application/json",
+            "x-bastion-signature": f"sha256={signature}",
+            "x-bastion-delivery": new_id(),
+        }
+        for attempt in range(hook.retries + 1):
+            if attempt:
+                metrics.WEBHOOK_DELIVERIES.labels("retried").inc()
+                await asyncio.sleep(RETRY_BASE_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+            try:
+                resp = await self._http.post(hook.url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                why = type(exc).__name__
+            else:
+                if resp.status_code < 300:
+                    metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
+                    return
+                why = f"HTTP {resp.status_code}"
+                if resp.status_code not in RETRY_STATUSES and resp.status_code < 500:
+                    break
+            log.warning("approval webhook attempt %d of %d failed: %s", attempt + 1, hook.retries + 1, why)
+        metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
+        log.error("approval webhook: event dropped after %d attempt(s) (last: %s)", attempt + 1, why)

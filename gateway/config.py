@@ -406,6 +406,9 @@ class ApprovalWebhookConfig(_Strict):
     secret_file: Path
     """The HMAC key (read once at start-up; keep it out of the config)."""
     timeout_s: float = Field(5.0, gt=0, le=60)
+    retries: int = Field(4, ge=0, le=10)
+    """Attempts after the first, on a connection error, a timeout, 408, 429 or 5xx (backoff 1 s, 2 s,
+    4 s, ... with jitter); any other answer is final."""
 
 
 class ApprovalsConfig(_Strict):

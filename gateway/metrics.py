@@ -97,6 +97,18 @@ POLICY_VERSION = Gauge(
     registry=REGISTRY,
     multiprocess_mode="liveall",
 )
+APPROVAL_EVENTS = Counter(
+    "bastion_approval_events",
+    "Human approval events: requested, approved, denied, expired, consumed",
+    ["event"],
+    registry=REGISTRY,
+)
+WEBHOOK_DELIVERIES = Counter(
+    "bastion_approval_webhook_deliveries",
+    "Approval webhook deliveries by outcome: delivered, retried (one per failed attempt), dropped",
+    ["outcome"],
+    registry=REGISTRY,
+)
 POLICY_RELOADS = Counter("bastion_policy_reloads", "Policy sets swapped in by hot reload", registry=REGISTRY)
 POLICY_RELOAD_FAILURES = Counter(
     "bastion_policy_reload_failures",
