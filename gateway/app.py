@@ -395,10 +395,15 @@ def build_app(gw: Gateway) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found})
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, bound before the server starts so port 0 can be read back."""
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket, bound before the server starts so port 0 can be read back.
+
+    `reuse_port`: several worker processes bind the same port and the kernel spreads new
+    connections over them (`SO_REUSEPORT`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
@@ -436,7 +441,9 @@ def hold_stop_signals() -> dict[int, Any]:
     return {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-async def serve(cfg: Config, sockets: Sequence[socket.socket] | None = None) -> None:
+async def serve(
+    cfg: Config, sockets: Sequence[socket.socket] | None = None, *, reuse_port: bool = False
+) -> None:
     """Start the gateway, serve until stopped, then flush the audit trail and close clients."""
     gw = Gateway(cfg)
     held = hold_stop_signals()
@@ -446,7 +453,7 @@ async def serve(cfg: Config, sockets: Sequence[socket.socket] | None = None) -> 
         # lives for good; frozen, it is no longer walked by each full collection (~110 ms each).
         gc.collect()
         gc.freeze()
-        sock = sockets[0] if sockets else bind(cfg.listen.host, cfg.listen.port)
+        sock = sockets[0] if sockets else bind(cfg.listen.host, cfg.listen.port, reuse_port)
         await server_for(build_app(gw), sock, "info").serve(sockets=[sock])
     finally:
         await gw.stop()

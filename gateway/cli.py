@@ -60,8 +60,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         _run(run_demo(int(os.environ.get("BASTION_PORT", "8080"))))
+        return 0
+    logs.setup(cfg.logging.level, cfg.logging.format)
+    if args.worker is not None:
+        from gateway.workers import instance_of
+
+        audit = cfg.audit.model_copy(update={"instance": instance_of(cfg, args.worker)})
+        _run(serve(cfg.model_copy(update={"audit": audit}), reuse_port=True))
+    elif cfg.listen.workers > 1:
+        from gateway.workers import supervise
+
+        return supervise(cfg, Path(_resolve_config(args.config)).resolve())
     else:
-        logs.setup(cfg.logging.level, cfg.logging.format)
         _run(serve(cfg))
     return 0
 
@@ -88,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run the gateway")
+    s.add_argument("--worker", type=int, help="serve as worker N of `listen.workers` (set by the supervisor)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", parents=[common], help="gateway + demo MCP tool server + example policies")

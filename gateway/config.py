@@ -37,6 +37,15 @@ class ListenConfig(_Strict):
     """Largest request body accepted; a bigger one is refused with 413."""
     max_json_depth: int = Field(64, ge=2, le=512)
     """Deepest nesting of objects/arrays accepted in a request body; deeper is refused with 400."""
+    workers: int = Field(1, ge=1, le=64)
+    """Gateway processes serving this port (`SO_REUSEPORT`), supervised by `bastion serve`
+    (gateway/workers.py). More than one wants PostgreSQL for `state.url` and `audit.url`."""
+
+    @model_validator(mode="after")
+    def _workers_need_a_port(self) -> ListenConfig:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs a fixed port: every worker binds the same one")
+        return self
 
     @property
     def base_url(self) -> str:

@@ -1,0 +1,120 @@
+"""Several gateway processes on one port: `listen.workers: N`.
+
+Bastion serves from one event loop, which uses one core. With `workers: N`, `bastion serve`
+becomes a supervisor that starts N copies of itself (`bastion serve --worker I`), each binding the
+port with `SO_REUSEPORT` so that the kernel spreads new connections over them. Nothing a call
+needs lives in one worker only: budgets, approvals, call_ids, pins and taint are in the state
+database; sessions are signed; each worker writes its own audit hash chain (instance
+`<audit.instance>-w<I>`, all in one store, each verifiable on its own).
+
+The supervisor restarts a worker that dies (after 1 s, then up to 30 s between restarts if it
+keeps dying), forwards SIGTERM/SIGINT to all of them and waits for them to flush their audit
+records and sign their final checkpoints. `/metrics` on any worker reports all of them: the
+supervisor gives them a shared, fresh `PROMETHEUS_MULTIPROC_DIR` unless one is set.
+
+Workers share the state and audit databases. On SQLite they take turns for its write lock, which
+costs more than it gains (measured in docs/benchmarks.md); use PostgreSQL with several workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from gateway.config import Config
+
+log = logging.getLogger("bastion.workers")
+
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 30.0
+STOP_TIMEOUT_S = 30.0
+
+
+def instance_of(cfg: Config, worker: int) -> str:
+    """The audit instance (hash chain) of one worker."""
+    return f"{cfg.audit.instance or socket.gethostname()}-w{worker}"
+
+
+def supervise(cfg: Config, config_path: Path) -> int:
+    """Run `cfg.listen.workers` workers until SIGTERM/SIGINT; 0 when all stopped cleanly."""
+    n = cfg.listen.workers
+    env = dict(os.environ)
+    own_metrics_dir = None
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_metrics_dir = tempfile.mkdtemp(prefix="bastion-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
+    stopping = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)]
+        return subprocess.Popen([*argv, "--worker", str(i)], env=env)  # noqa: S603 (our own command)
+
+    procs = {i: start(i) for i in range(n)}
+    delay = dict.fromkeys(procs, RESTART_MIN_S)
+    due: dict[int, float] = {}
+    log.info("supervising %d workers on %s:%d", n, cfg.listen.host, cfg.listen.port)
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            now = time.monotonic()
+            for i, proc in list(procs.items()):
+                code = proc.poll()
+                if code is None or i in due:
+                    continue
+                _mark_dead(proc.pid, metrics_dir)
+                why = f"worker {i} (pid {proc.pid}) exited with {code}"
+                log.error("%s; restarting in %.0f s", why, delay[i])
+                due[i] = now + delay[i]
+                delay[i] = min(delay[i] * 2, RESTART_MAX_S)
+            for i, when in list(due.items()):
+                if now >= when and not stopping:
+                    del due[i]
+                    procs[i] = start(i)
+        return _stop_all(procs, metrics_dir)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def _stop_all(procs: dict[int, subprocess.Popen[bytes]], metrics_dir: str) -> int:
+    """SIGTERM every worker and wait for it (SIGKILL after `STOP_TIMEOUT_S`); 0 if all exited 0."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    worst = 0
+    for i, proc in procs.items():
+        try:
+            code = proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("worker %d did not stop within %.0f s: killed", i, STOP_TIMEOUT_S)
+            proc.kill()
+            code = proc.wait()
+        _mark_dead(proc.pid, metrics_dir)
+        worst = worst or (0 if code in (0, -signal.SIGTERM) else 1)
+    return worst
+
+
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    """Drop a stopped worker's live gauges from what `/metrics` reports."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
