@@ -8,8 +8,9 @@ database; sessions are signed; each worker writes its own audit hash chain (inst
 `<audit.instance>-w<I>`, all in one store, each verifiable on its own).
 
 The supervisor restarts a worker that dies (after 1 s, then up to 30 s between restarts if it
-keeps dying), forwards SIGTERM/SIGINT to all of them and waits for them to flush their audit
-records and sign their final checkpoints. `/metrics` on any worker reports all of them: the
+keeps dying), stops with status 2 if one cannot start at all (a bad policy file, say), forwards
+SIGTERM/SIGINT to all of them and waits for them to flush their audit records and sign their
+final checkpoints. `/metrics` on any worker reports all of them: the
 supervisor gives them a shared, fresh `PROMETHEUS_MULTIPROC_DIR` unless one is set.
 
 Workers share the state and audit databases. On SQLite they take turns for its write lock, which
@@ -37,6 +38,9 @@ log = logging.getLogger("bastion.workers")
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 STOP_TIMEOUT_S = 30.0
+START_FAILED = 2
+"""The exit status of `bastion serve` refused by its config (or what it names: policies, keys,
+databases). Starting such a worker again would fail again, so the supervisor stops instead."""
 
 
 def instance_of(cfg: Config, worker: int) -> str:
@@ -78,6 +82,10 @@ def supervise(cfg: Config, config_path: Path) -> int:
                 if code is None or i in due:
                     continue
                 _mark_dead(proc.pid, metrics_dir)
+                if code == START_FAILED:
+                    log.error("worker %d could not start (its error is above): stopping", i)
+                    _stop_all(procs, metrics_dir)
+                    return START_FAILED
                 why = f"worker {i} (pid {proc.pid}) exited with {code}"
                 log.error("%s; restarting in %.0f s", why, delay[i])
                 due[i] = now + delay[i]

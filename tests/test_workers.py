@@ -169,3 +169,37 @@ async def test_workers_share_the_port_budgets_metrics_and_audit(
     assert {r.instance for r in records} == {"wk-w0", "wk-w1"}  # both workers served calls
     assert len([r for r in records if r.action == "call_tool"]) == CALLS + 1
     assert result.ok, result.lines()
+
+
+async def test_a_worker_that_cannot_start_stops_the_supervisor(
+    upstream_url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """A worker refused at start-up would be refused again: no restart loop, status 2."""
+    config = tmp_path / "bastion.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": free_port(), "workers": 2},
+                "identity": {
+                    "issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]
+                },
+                "policy": {"dir": str(POLICIES), "watch": False},
+                "upstreams": {"demo": {"url": upstream_url}},
+                "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'audit.db'}"},
+                "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+                "data_dir": str(tmp_path / "data"),
+            }
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2, out.decode()[-2000:]
+    assert b"audit.url" in out and b"could not start" in out
