@@ -7,11 +7,13 @@ needs lives in one worker only: budgets, approvals, call_ids, pins and taint are
 database; sessions are signed; each worker writes its own audit hash chain (instance
 `<audit.instance>-w<I>`, all in one store, each verifiable on its own).
 
-The supervisor restarts a worker that dies (after 1 s, then up to 30 s between restarts if it
-keeps dying), stops with status 2 if one cannot start at all (a bad policy file, say), forwards
-SIGTERM/SIGINT to all of them and waits for them to flush their audit records and sign their
-final checkpoints. `/metrics` on any worker reports all of them: the
-supervisor gives them a shared, fresh `PROMETHEUS_MULTIPROC_DIR` unless one is set.
+The supervisor prepares the databases once (schema migrations), then starts the workers. It
+restarts a worker that dies (after 1 s, then up to 30 s apart if it keeps dying); a worker that
+cannot start before the port first answered (a bad policy file, say) would fail again, so the
+supervisor stops with status 2 instead. It forwards SIGTERM/SIGINT to every worker and waits for
+them to flush their audit records and sign their final checkpoints. `/metrics` on any worker
+reports all of them: the supervisor gives them a shared, fresh `PROMETHEUS_MULTIPROC_DIR` unless
+one is set.
 
 Workers share the state and audit databases. On SQLite they take turns for its write lock, which
 costs more than it gains (measured in docs/benchmarks.md); use PostgreSQL with several workers.
@@ -19,6 +21,7 @@ costs more than it gains (measured in docs/benchmarks.md); use PostgreSQL with s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -32,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
+from gateway.errors import ConfigError
 
 log = logging.getLogger("bastion.workers")
 
@@ -49,8 +53,11 @@ def instance_of(cfg: Config, worker: int) -> str:
 
 
 def supervise(cfg: Config, config_path: Path) -> int:
-    """Run `cfg.listen.workers` workers until SIGTERM/SIGINT; 0 when all stopped cleanly."""
+    """Run `cfg.listen.workers` workers until SIGTERM/SIGINT; 0 when all stopped cleanly.
+
+    Raises `ConfigError` when the databases cannot be prepared (before any worker starts)."""
     n = cfg.listen.workers
+    asyncio.run(_prepare(cfg))
     env = dict(os.environ)
     own_metrics_dir = None
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -72,17 +79,21 @@ def supervise(cfg: Config, config_path: Path) -> int:
     procs = {i: start(i) for i in range(n)}
     delay = dict.fromkeys(procs, RESTART_MIN_S)
     due: dict[int, float] = {}
+    up = False
+    """Whether the port has answered once: a worker refused before that is refused by its
+    config; after it, a refusal may pass (a database restarting), so it is started again."""
     log.info("supervising %d workers on %s:%d", n, cfg.listen.host, cfg.listen.port)
     try:
         while not stopping:
             time.sleep(0.2)
             now = time.monotonic()
+            up = up or _listening(cfg.listen.host, cfg.listen.port)
             for i, proc in list(procs.items()):
                 code = proc.poll()
                 if code is None or i in due:
                     continue
                 _mark_dead(proc.pid, metrics_dir)
-                if code == START_FAILED:
+                if code == START_FAILED and not up:
                     log.error("worker %d could not start (its error is above): stopping", i)
                     _stop_all(procs, metrics_dir)
                     return START_FAILED
@@ -100,6 +111,32 @@ def supervise(cfg: Config, config_path: Path) -> int:
             signal.signal(sig, handler)
         if own_metrics_dir is not None:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+async def _prepare(cfg: Config) -> None:
+    """Create or migrate the audit and state schemas once, before the workers open them all at
+    the same moment (concurrent DDL on one database would fail some of them)."""
+    from audit.store import AuditStore, AuditStoreError
+    from gateway.state import open_state
+
+    try:
+        store = await AuditStore.open(cfg.audit.url)
+    except AuditStoreError as exc:
+        raise ConfigError(f"audit.url: {exc}") from exc
+    await store.close()
+    engine = await open_state(cfg.state.url)
+    await engine.dispose()
+
+
+def _listening(host: str, port: int) -> bool:
+    """Whether some worker accepts connections on the port (workers bind only once started)."""
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 (connects, binds nothing)
+    target = wildcard.get(host, host)
+    try:
+        with socket.create_connection((target, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _stop_all(procs: dict[int, subprocess.Popen[bytes]], metrics_dir: str) -> int:

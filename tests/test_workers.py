@@ -171,26 +171,7 @@ async def test_workers_share_the_port_budgets_metrics_and_audit(
     assert result.ok, result.lines()
 
 
-async def test_a_worker_that_cannot_start_stops_the_supervisor(
-    upstream_url: str, data_dir: Path, tmp_path: Path
-) -> None:
-    """A worker refused at start-up would be refused again: no restart loop, status 2."""
-    config = tmp_path / "bastion.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"host": "127.0.0.1", "port": free_port(), "workers": 2},
-                "identity": {
-                    "issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]
-                },
-                "policy": {"dir": str(POLICIES), "watch": False},
-                "upstreams": {"demo": {"url": upstream_url}},
-                "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'audit.db'}"},
-                "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
-                "data_dir": str(tmp_path / "data"),
-            }
-        )
-    )
+async def _serve_exits(config: Path) -> tuple[int, bytes]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -201,5 +182,36 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.returncode == 2, out.decode()[-2000:]
-    assert b"audit.url" in out and b"could not start" in out
+    assert proc.returncode is not None
+    return proc.returncode, out
+
+
+async def test_a_worker_that_cannot_start_stops_the_supervisor(
+    upstream_url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """A worker refused at start-up would be refused again: no restart loop, status 2. A database
+    that cannot be opened is found before any worker starts."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "schema.cedarschema").write_text((POLICIES / "schema.cedarschema").read_text())
+    (policies / "broken.cedar").write_text("permit (principal, action, resource) when { nonsense };\n")
+    data = {
+        "listen": {"host": "127.0.0.1", "port": free_port(), "workers": 2},
+        "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
+        "policy": {"dir": str(policies), "watch": False},
+        "upstreams": {"demo": {"url": upstream_url}},
+        "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"},
+        "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+        "data_dir": str(tmp_path / "data"),
+    }
+    config = tmp_path / "bastion.yaml"
+    config.write_text(yaml.safe_dump(data))
+    code, out = await _serve_exits(config)
+    assert code == 2, out.decode()[-2000:]
+    assert b"broken.cedar" in out and b"could not start" in out
+
+    data["audit"] = {"url": f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'audit.db'}"}
+    config.write_text(yaml.safe_dump(data))
+    code, out = await _serve_exits(config)
+    assert code == 2, out.decode()[-2000:]
+    assert b"audit.url" in out and b"could not start" not in out  # refused before any worker ran
