@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,17 @@ class Receiver:
         return Response(status_code=204)
 
 
-async def _approvals(tmp_path: Path, url: str, retries: int) -> Approvals:
+@asynccontextmanager
+async def _approvals(tmp_path: Path, url: str, retries: int) -> AsyncIterator[Approvals]:
     (tmp_path / "hook.key").write_bytes(KEY)
     engine = await open_state(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
     hook = ApprovalWebhookConfig(url=url, secret_file=tmp_path / "hook.key", timeout_s=2, retries=retries)
-    return Approvals(engine, ApprovalsConfig(webhook=hook), "http://bastion.test")
+    approvals = Approvals(engine, ApprovalsConfig(webhook=hook), "http://bastion.test")
+    try:
+        yield approvals
+    finally:
+        await approvals.aclose()
+        await engine.dispose()
 
 
 def _count(outcome: str) -> float:
@@ -89,13 +96,9 @@ async def test_a_failing_receiver_gets_the_same_delivery_again_until_it_takes_it
     base, receivers = receiver_app
     receivers["flaky"] = flaky = Receiver(failures=2, status=503)
     delivered, retried = _count("delivered"), _count("retried")
-    approvals = await _approvals(tmp_path, f"{base}/flaky", retries=4)
-    try:
+    async with _approvals(tmp_path, f"{base}/flaky", retries=4) as approvals:
         await _request(approvals)
         await _settle(flaky, 3)
-    finally:
-        await approvals.aclose()
-        await approvals.engine.dispose()
     assert len(flaky.seen) == 3  # two refusals, then taken: no fourth attempt
     assert len({delivery for delivery, _, _ in flaky.seen}) == 1  # one delivery id across attempts
     for _, signature, body in flaky.seen:
@@ -111,13 +114,9 @@ async def test_a_refusal_that_a_retry_cannot_change_is_final(
     base, receivers = receiver_app
     receivers["strict"] = strict = Receiver(failures=99, status=400)
     dropped = _count("dropped")
-    approvals = await _approvals(tmp_path, f"{base}/strict", retries=4)
-    try:
+    async with _approvals(tmp_path, f"{base}/strict", retries=4) as approvals:
         await _request(approvals)
         await _settle(strict, 1)
-    finally:
-        await approvals.aclose()
-        await approvals.engine.dispose()
     assert len(strict.seen) == 1
     assert _count("dropped") == dropped + 1
 
@@ -128,8 +127,7 @@ async def test_retries_give_up_and_closing_does_not_wait_for_them(
     base, receivers = receiver_app
     receivers["down"] = down = Receiver(failures=99, status=502)
     dropped = _count("dropped")
-    approvals = await _approvals(tmp_path, f"{base}/down", retries=2)
-    try:
+    async with _approvals(tmp_path, f"{base}/down", retries=2) as approvals:
         await _request(approvals)
         await _settle(down, 3)
         assert len(down.seen) == 3  # the first attempt and two retries
@@ -139,8 +137,5 @@ async def test_retries_give_up_and_closing_does_not_wait_for_them(
         monkeypatch.setattr(approvals_mod, "CLOSE_GRACE_S", 0.2)
         await _request(approvals)
         await _settle(down, 4)
-    finally:
         started = asyncio.get_running_loop().time()
-        await approvals.aclose()
-        await approvals.engine.dispose()
-    assert asyncio.get_running_loop().time() - started < 5  # not the minute of backoff
+    assert asyncio.get_running_loop().time() - started < 5  # closing did not wait out the backoff
