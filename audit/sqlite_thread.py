@@ -31,7 +31,8 @@ class SQLiteThread:
 
     `fn` runs inside a savepoint: if it raises, its own changes are rolled back and the caller
     gets the exception, while the rest of the group still commits. If the COMMIT itself fails,
-    every caller of the group gets `sqlite3.Error`.
+    every caller of the group gets `sqlite3.Error`. Work whose caller was cancelled before it
+    ran is skipped; work handed over once `close()` began is refused; every caller is answered.
     """
 
     def __init__(self, path: str, *, synchronous: str, name: str, max_group: int = 1000) -> None:
@@ -43,6 +44,8 @@ class SQLiteThread:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -50,18 +53,21 @@ class SQLiteThread:
             raise self._error
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._thread.is_alive():
-            raise sqlite3.OperationalError(f"{self.path}: the writer thread has stopped")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((loop, fut, fn))
+        with self._lock:  # nothing is queued behind `_STOP`, where the thread would never see it
+            if self._closed:
+                raise sqlite3.OperationalError(f"{self.path}: the writer thread has stopped")
+            self._queue.put((loop, fut, fn))
         return await fut
 
     def close(self) -> None:
         """Finish what is queued, then stop and close the connection."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        self._thread.join()
 
     def _main(self) -> None:
         try:
@@ -89,32 +95,71 @@ class SQLiteThread:
                 if stop:
                     return
         finally:
+            # Stopped, or the connection broke: whatever is still queued gets an answer.
+            with self._lock:
+                self._closed = True
+                left = []
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        left.append(item)
+            _answer(left, sqlite3.OperationalError(f"{self.path}: the writer thread has stopped"))
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, work: list[Any]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for _loop, _fut, fn in work:
+            for _loop, fut, fn in work:
+                if fut.cancelled():  # its caller is gone and was told it did not happen
+                    outcomes.append((False, None))
+                    continue
                 conn.execute("SAVEPOINT w")
                 try:
-                    outcomes.append((True, fn(conn)))
-                    conn.execute("RELEASE w")
+                    value = fn(conn)
                 except Exception as exc:
+                    if not conn.in_transaction:  # SQLite ended the whole transaction (disk full, say)
+                        raise
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
                     outcomes.append((False, exc))
+                else:
+                    conn.execute("RELEASE w")
+                    outcomes.append((True, value))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(work)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (loop, fut, _fn), (ok, value) in zip(work, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append((fut, ok, value))
-        for loop, done in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop was closed while we worked
-                loop.call_soon_threadsafe(_deliver, done)
+        except BaseException as exc:
+            failure = exc
+            if not isinstance(exc, sqlite3.Error):
+                failure = sqlite3.OperationalError(
+                    f"{self.path}: {exc!r}; nothing of the group was committed"
+                )
+                failure.__cause__ = exc
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except BaseException:
+                _answer(work, failure)  # the connection is unusable: this thread stops
+                raise
+            outcomes = [(False, failure)] * len(work)
+        _send(work, outcomes)
+
+
+def _answer(work: list[Any], exc: BaseException) -> None:
+    """Fail every caller of `work` with `exc`."""
+    _send(work, [(False, exc)] * len(work))
+
+
+def _send(work: list[Any], outcomes: list[tuple[bool, Any]]) -> None:
+    """Hand each caller its outcome: one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for (loop, fut, _fn), (ok, value) in zip(work, outcomes, strict=True):
+        by_loop.setdefault(loop, []).append((fut, ok, value))
+    for loop, done in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop was closed while we worked
+            loop.call_soon_threadsafe(_deliver, done)
 
 
 def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -123,5 +168,9 @@ def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             continue
         if ok:
             fut.set_result(value)
+        elif isinstance(value, StopIteration):  # a future refuses it: the caller would wait forever
+            err = RuntimeError(f"{value!r} raised in the writer thread")
+            err.__cause__ = value
+            fut.set_exception(err)
         else:
             fut.set_exception(value)

@@ -7,9 +7,10 @@ needs lives in one worker only: budgets, approvals, call_ids, pins and taint are
 database; sessions are signed; each worker writes its own audit hash chain (instance
 `<audit.instance>-w<I>`, all in one store, each verifiable on its own).
 
-The supervisor prepares the databases once (schema migrations), then starts the workers. It
-restarts a worker that dies (after 1 s, then up to 30 s apart if it keeps dying); a worker that
-cannot start before the port first answered (a bad policy file, say) would fail again, so the
+The supervisor refuses a port that another process already holds (status 2), prepares the
+databases once (schema migrations), then starts the workers. It restarts a worker that dies
+(after 1 s, doubling up to 30 s while it keeps dying soon after each start); a worker that cannot
+start before the port first answered (a bad policy file, say) would fail again, so the
 supervisor stops with status 2 instead. It forwards SIGTERM/SIGINT to every worker and waits for
 them to flush their audit records and sign their final checkpoints. `/metrics` on any worker
 reports all of them: the supervisor gives them a shared, fresh `PROMETHEUS_MULTIPROC_DIR` unless
@@ -41,6 +42,8 @@ log = logging.getLogger("bastion.workers")
 
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
+STABLE_S = 60.0
+"""A worker that ran this long before it died is restarted after `RESTART_MIN_S` again."""
 STOP_TIMEOUT_S = 30.0
 START_FAILED = 2
 """The exit status of `bastion serve` refused by its config (or what it names: policies, keys,
@@ -55,8 +58,10 @@ def instance_of(cfg: Config, worker: int) -> str:
 def supervise(cfg: Config, config_path: Path) -> int:
     """Run `cfg.listen.workers` workers until SIGTERM/SIGINT; 0 when all stopped cleanly.
 
-    Raises `ConfigError` when the databases cannot be prepared (before any worker starts)."""
+    Raises `ConfigError` when the port is held by another process or the databases cannot be
+    prepared (before any worker starts)."""
     n = cfg.listen.workers
+    _port_free(cfg.listen.host, cfg.listen.port)
     asyncio.run(_prepare(cfg))
     env = dict(os.environ)
     own_metrics_dir = None
@@ -77,6 +82,7 @@ def supervise(cfg: Config, config_path: Path) -> int:
         return subprocess.Popen([*argv, "--worker", str(i)], env=env)  # noqa: S603 (our own command)
 
     procs = {i: start(i) for i in range(n)}
+    started = dict.fromkeys(procs, time.monotonic())
     delay = dict.fromkeys(procs, RESTART_MIN_S)
     due: dict[int, float] = {}
     up = False
@@ -97,6 +103,8 @@ def supervise(cfg: Config, config_path: Path) -> int:
                     log.error("worker %d could not start (its error is above): stopping", i)
                     _stop_all(procs, metrics_dir)
                     return START_FAILED
+                if now - started[i] >= STABLE_S:
+                    delay[i] = RESTART_MIN_S  # it had been running well: not a crash loop
                 why = f"worker {i} (pid {proc.pid}) exited with {code}"
                 log.error("%s; restarting in %.0f s", why, delay[i])
                 due[i] = now + delay[i]
@@ -104,7 +112,7 @@ def supervise(cfg: Config, config_path: Path) -> int:
             for i, when in list(due.items()):
                 if now >= when and not stopping:
                     del due[i]
-                    procs[i] = start(i)
+                    procs[i], started[i] = start(i), now
         return _stop_all(procs, metrics_dir)
     finally:
         for sig, handler in previous.items():
@@ -126,6 +134,24 @@ async def _prepare(cfg: Config) -> None:
     await store.close()
     engine = await open_state(cfg.state.url)
     await engine.dispose()
+
+
+def _port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds: every worker would fail to bind it and be restarted
+    for good, while the port answers for someone else (`SO_REUSEPORT` would even let another
+    process of this user take a share of the connections)."""
+    taken = f"listen.port: {host}:{port} is already in use by another process"
+    if _listening(host, port):
+        raise ConfigError(taken)
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"{taken} ({exc.strerror or exc})") from exc
+    finally:
+        probe.close()
 
 
 def _listening(host: str, port: int) -> bool:

@@ -308,3 +308,28 @@ async def test_https_goes_to_the_fallback_transport() -> None:
     async with httpx.AsyncClient(transport=LeanTransport(fallback=httpx.MockTransport(tls_side))) as http:
         assert (await http.get("https://upstream.invalid/mcp")).text == "via fallback"
     assert seen == ["https://upstream.invalid/mcp"]
+
+
+async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
+    """Keeps each request's head (as `requests[i][0]`) and answers `{}`."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    srv.requests.append((head, b""))
+    fields = (line.partition(":") for line in head.split("\r\n")[1:])
+    await reader.readexactly(next((int(v) for n, _, v in fields if n.lower() == "content-length"), 0))
+    writer.write(respond(b"{}"))
+    await writer.drain()
+
+
+@pytest.mark.parametrize("http_client", ["lean", "httpx"])
+async def test_credentials_in_the_upstream_url_are_sent(http_client: str) -> None:
+    """`url: http://user:password@host/...` authenticates with Basic, on either HTTP client."""
+    async with serving(recording) as srv:
+        url = srv.url.replace("http://", "http://alice:s3cret@")
+        up = StreamableHTTPUpstream("u", UpstreamConfig(url=url, http_client=http_client))  # type: ignore[arg-type]
+        try:
+            await (await up.send("POST", b"{}")).body()
+        finally:
+            await up.aclose()
+    head = srv.requests[0][0].lower()
+    assert "authorization: basic ywxpy2u6cznjcmv0" in head  # base64("alice:s3cret"), lower-cased
+    assert "alice" not in head.split("\r\n")[0] and "host: 127.0.0.1:" in head

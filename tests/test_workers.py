@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -187,7 +188,7 @@ async def _serve_exits(config: Path) -> tuple[int, bytes]:
 
 
 async def test_a_worker_that_cannot_start_stops_the_supervisor(
-    upstream_url: str, data_dir: Path, tmp_path: Path
+    upstream_url: str, data_dir: Path, dev_key: DevKey, tmp_path: Path
 ) -> None:
     """A worker refused at start-up would be refused again: no restart loop, status 2. A database
     that cannot be opened is found before any worker starts."""
@@ -215,3 +216,30 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor(
     code, out = await _serve_exits(config)
     assert code == 2, out.decode()[-2000:]
     assert b"audit.url" in out and b"could not start" not in out  # refused before any worker ran
+
+
+async def test_a_port_taken_by_another_process_stops_the_supervisor(
+    upstream_url: str, data_dir: Path, dev_key: DevKey, tmp_path: Path
+) -> None:
+    """Workers would fail to bind, be restarted, fail again, forever (the port answers, but not
+    for Bastion): the supervisor refuses to start instead, with status 2, naming the port."""
+    port = free_port()
+    data = {
+        "listen": {"host": "127.0.0.1", "port": port, "workers": 2},
+        "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
+        "policy": {"dir": str(POLICIES), "watch": False},
+        "upstreams": {"demo": {"url": upstream_url}},
+        "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"},
+        "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+        "data_dir": str(tmp_path / "data"),
+    }
+    config = tmp_path / "bastion.yaml"
+    config.write_text(yaml.safe_dump(data))
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(8)
+        code, out = await _serve_exits(config)
+    assert code == 2, out.decode()[-2000:]
+    assert f"127.0.0.1:{port}".encode() in out and b"in use" in out
+    assert b"restarting" not in out

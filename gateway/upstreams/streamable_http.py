@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,11 +39,6 @@ MODERN_META = {
 }
 
 Era = Literal["modern", "legacy"]
-
-
-def _proxy_in_env() -> bool:
-    """Whether httpx would route plain-HTTP requests through a proxy named in the environment."""
-    return any(os.environ.get(v) for v in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"))
 
 
 @dataclass(slots=True)
@@ -138,11 +132,14 @@ class StreamableHTTPUpstream:
             limits=limits,
             transport=lean,
         )
-        # With no auth flow to run and no proxy to route through, httpx's `AsyncClient.send` adds
-        # nothing a call needs (no cookies, no redirects) but re-parses the URL and builds urllib
-        # cookie shims: ~100 µs per call. Such requests go straight to the transport.
-        self._direct = lean if auth is None and not _proxy_in_env() else None
+        # With no auth flow to run (neither `oauth` nor credentials in the URL, which httpx turns
+        # into Basic auth), httpx's `AsyncClient.send` adds nothing a call needs (no cookies, no
+        # redirects) but re-parses the URL and builds urllib cookie shims: ~100 µs per call. Such
+        # requests go straight to the transport. (A client with its own transport never uses the
+        # HTTP(S)_PROXY environment; `http_client: httpx` does.)
         self._url = httpx.URL(cfg.url)
+        in_url = bool(self._url.username or self._url.password)
+        self._direct = lean if auth is None and not in_url else None
         self._base_headers = dict(self.client.headers)
         self._timeouts = timeout.as_dict()
 
