@@ -106,15 +106,13 @@ async def test_run_racing_close_answers_every_caller(tmp_path: Path) -> None:
             assert isinstance(error, sqlite3.OperationalError) if error else task.result() == 1
 
 
-async def test_a_function_raising_stopiteration_fails_only_its_caller(db: SQLiteThread) -> None:
-    """An asyncio future refuses StopIteration; its caller and the rest of its group still get answers."""
-
-    def first_row(conn: sqlite3.Connection) -> Any:
-        return next(iter(conn.execute("SELECT v FROM t WHERE k = 'none'")))
-
+async def _answers(
+    db: SQLiteThread, first: Callable[[sqlite3.Connection], Any]
+) -> list[BaseException | None]:
+    """Run `first` and an insert of ('a', 1) in one group; what each caller got (None: a value)."""
     done, waiting = await asyncio.wait(
         [
-            asyncio.create_task(db.run(first_row)),
+            asyncio.create_task(db.run(first)),
             asyncio.create_task(db.run(lambda conn: conn.execute("INSERT INTO t VALUES ('a', 1)"))),
         ],
         timeout=5,
@@ -122,7 +120,16 @@ async def test_a_function_raising_stopiteration_fails_only_its_caller(db: SQLite
     for task in waiting:
         task.cancel()
     assert not waiting, "a caller was never answered"
-    errors = [t.exception() for t in done]
+    return [t.exception() for t in done]
+
+
+async def test_a_function_raising_stopiteration_fails_only_its_caller(db: SQLiteThread) -> None:
+    """An asyncio future refuses StopIteration; its caller and the rest of its group still get answers."""
+
+    def first_row(conn: sqlite3.Connection) -> Any:
+        return next(iter(conn.execute("SELECT v FROM t WHERE k = 'none'")))
+
+    errors = await _answers(db, first_row)
     assert sum(isinstance(e, RuntimeError) for e in errors) == 1
     assert _rows(db) == {"a": 1}
 
@@ -169,17 +176,8 @@ async def test_a_base_exception_in_a_function_answers_its_group_and_thread_goes_
         conn.execute("INSERT INTO t VALUES ('half', 1)")
         raise KeyboardInterrupt
 
-    done, waiting = await asyncio.wait(
-        [
-            asyncio.create_task(db.run(interrupted)),
-            asyncio.create_task(db.run(lambda conn: conn.execute("INSERT INTO t VALUES ('a', 1)"))),
-        ],
-        timeout=5,
-    )
-    for task in waiting:
-        task.cancel()
-    assert not waiting, "a caller was never answered"
-    assert all(isinstance(t.exception(), sqlite3.OperationalError) for t in done)
+    errors = await _answers(db, interrupted)
+    assert all(isinstance(e, sqlite3.OperationalError) for e in errors)
     assert _rows(db) == {}
     await db.run(lambda conn: conn.execute("INSERT INTO t VALUES ('b', 2)"))
     assert _rows(db) == {"b": 2}

@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -172,6 +173,21 @@ async def test_workers_share_the_port_budgets_metrics_and_audit(
     assert result.ok, result.lines()
 
 
+def _two_workers(
+    tmp_path: Path, upstream_url: str, data_dir: Path, policies: Path, port: int
+) -> dict[str, Any]:
+    """A two-worker config on SQLite files in `tmp_path`."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": port, "workers": 2},
+        "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
+        "policy": {"dir": str(policies), "watch": False},
+        "upstreams": {"demo": {"url": upstream_url}},
+        "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"},
+        "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
+        "data_dir": str(tmp_path / "data"),
+    }
+
+
 async def _serve_exits(config: Path) -> tuple[int, bytes]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
@@ -196,15 +212,7 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor(
     policies.mkdir()
     (policies / "schema.cedarschema").write_text((POLICIES / "schema.cedarschema").read_text())
     (policies / "broken.cedar").write_text("permit (principal, action, resource) when { nonsense };\n")
-    data = {
-        "listen": {"host": "127.0.0.1", "port": free_port(), "workers": 2},
-        "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
-        "policy": {"dir": str(policies), "watch": False},
-        "upstreams": {"demo": {"url": upstream_url}},
-        "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"},
-        "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
-        "data_dir": str(tmp_path / "data"),
-    }
+    data = _two_workers(tmp_path, upstream_url, data_dir, policies, free_port())
     config = tmp_path / "bastion.yaml"
     config.write_text(yaml.safe_dump(data))
     code, out = await _serve_exits(config)
@@ -224,15 +232,7 @@ async def test_a_port_taken_by_another_process_stops_the_supervisor(
     """Workers would fail to bind, be restarted, fail again, forever (the port answers, but not
     for Bastion): the supervisor refuses to start instead, with status 2, naming the port."""
     port = free_port()
-    data = {
-        "listen": {"host": "127.0.0.1", "port": port, "workers": 2},
-        "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
-        "policy": {"dir": str(POLICIES), "watch": False},
-        "upstreams": {"demo": {"url": upstream_url}},
-        "audit": {"url": f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"},
-        "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
-        "data_dir": str(tmp_path / "data"),
-    }
+    data = _two_workers(tmp_path, upstream_url, data_dir, POLICIES, port)
     config = tmp_path / "bastion.yaml"
     config.write_text(yaml.safe_dump(data))
     with socket.socket() as squatter:
