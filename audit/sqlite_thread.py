@@ -20,10 +20,19 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 T = TypeVar("T")
-Work = Callable[[sqlite3.Connection], Any]
 
 _STOP = object()
+
+
+def sqlite_file(engine: AsyncEngine) -> str | None:
+    """The file behind an SQLite engine, or None (another database, or one in memory)."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return None
+    return str(path)
 
 
 class SQLiteThread:

@@ -41,7 +41,7 @@ from audit import migrations
 from audit.chain import GENESIS, Head
 from audit.checkpoint import Checkpoint
 from audit.record import PENDING, AuditRecord
-from audit.sqlite_thread import SQLiteThread
+from audit.sqlite_thread import SQLiteThread, sqlite_file
 
 
 class AuditStoreError(Exception):
@@ -272,10 +272,9 @@ class AuditStore:
             engine = create_async_engine(url)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise AuditStoreError(f"audit store {where}: open failed: {_describe(exc)}") from exc
+        path = sqlite_file(engine)
         if engine.dialect.name == "sqlite":
-            path = engine.url.database
-            on_disk = bool(path) and path != ":memory:"
-            if not create and on_disk and not await asyncio.to_thread(os.path.exists, str(path)):
+            if not create and path is not None and not await asyncio.to_thread(os.path.exists, path):
                 await engine.dispose()
                 raise AuditStoreError(f"audit store {where}: no such database file")
             event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
@@ -296,11 +295,10 @@ class AuditStore:
         if problem is not None:
             await engine.dispose()
             raise AuditStoreError(f"audit store {where} {problem}")
-        path = engine.url.database
-        if create and engine.dialect.name == "sqlite" and path and path != ":memory:":
+        if create and path is not None:
             try:
                 store._writer = await asyncio.to_thread(
-                    SQLiteThread, str(path), synchronous="FULL", name="audit-sqlite"
+                    SQLiteThread, path, synchronous="FULL", name="audit-sqlite"
                 )
             except sqlite3.Error as exc:
                 await engine.dispose()

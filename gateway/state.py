@@ -15,7 +15,7 @@ from sqlalchemy import BigInteger, Column, MetaData, String, Table, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from audit.sqlite_thread import SQLiteThread
+from audit.sqlite_thread import SQLiteThread, sqlite_file
 from audit.store import safe_url
 from gateway.errors import ConfigError
 
@@ -59,10 +59,10 @@ async def open_state(url: str) -> AsyncEngine:
 async def sqlite_writer(engine: AsyncEngine) -> SQLiteThread | None:
     """A group-committing writer thread for a state DB in an SQLite file (None otherwise): the
     per-call writes (budget charges) go through it instead of one aiosqlite transaction each."""
-    path = engine.url.database
-    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+    path = sqlite_file(engine)
+    if path is None:
         return None
     try:
-        return await asyncio.to_thread(SQLiteThread, str(path), synchronous="NORMAL", name="state-sqlite")
+        return await asyncio.to_thread(SQLiteThread, path, synchronous="NORMAL", name="state-sqlite")
     except sqlite3.Error as exc:
         raise ConfigError(f"state.url: cannot open {safe_url(str(engine.url))}: {exc}") from exc
