@@ -37,7 +37,7 @@ from audit.store import AuditStoreError
 from audit.writer import AuditWriter
 from gateway import logs, metrics
 from gateway.approvals import Approvals, binding_of
-from gateway.call import Decision, Outcome, OutcomeStatus, Reason, ToolCall
+from gateway.call import Action, Decision, Outcome, OutcomeStatus, Reason, ToolCall
 from gateway.config import ToolSettings
 from gateway.errors import AuditUnavailable
 from gateway.stages.policy import PolicyEngine
@@ -83,9 +83,21 @@ class PolicyStage:
                 return Decision.deny(
                     "policy", "budget-unavailable", f"budget state unavailable: {type(exc).__name__}"
                 )
+        return self._decide(engine, call, call.action, budget)
+
+    def approve_own(self, call: ToolCall) -> bool:
+        """Whether Cedar lets the caller approve this call themselves (`Action::"approve_own"`)."""
+        if call.principal is None:
+            return False
+        return self._decide(self._engine(), call, "approve_own", None).effect == "allow"
+
+    def _decide(
+        self, engine: PolicyEngine, call: ToolCall, action: Action, budget: dict[str, Any] | None
+    ) -> Decision:
+        assert call.principal is not None
         return engine.decide(
             call.principal,
-            call.action,
+            action,
             call.upstream,
             call.tool,
             call.arguments,
@@ -94,22 +106,6 @@ class PolicyStage:
             budget=budget,
             session_tainted=call.session_tainted,
         )
-
-    def approve_own(self, call: ToolCall) -> bool:
-        """Whether Cedar lets the caller approve this call themselves (`Action::"approve_own"`)."""
-        if call.principal is None:
-            return False
-        verdict = self._engine().decide(
-            call.principal,
-            "approve_own",
-            call.upstream,
-            call.tool,
-            call.arguments,
-            self._settings(call.upstream, call.tool),
-            pii=call.pii_input,
-            session_tainted=call.session_tainted,
-        )
-        return verdict.effect == "allow"
 
 
 class Pipeline:
