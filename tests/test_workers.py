@@ -7,7 +7,6 @@ server of the test process as the upstream.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import yaml
 from conftest import POLICIES, free_port
+from test_audit_crash import tool_call
 
 from audit.checkpoint import load_public_key
 from audit.store import AuditStore
@@ -31,30 +31,6 @@ from gateway.errors import ConfigError
 
 LIMIT = 30
 CALLS = 40
-
-
-def _call(n: int) -> tuple[dict[str, str], bytes]:
-    body = {
-        "jsonrpc": "2.0",
-        "id": n,
-        "method": "tools/call",
-        "params": {
-            "name": "echo",
-            "arguments": {"text": f"call {n}"},
-            "_meta": {
-                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                "io.modelcontextprotocol/clientCapabilities": {},
-            },
-        },
-    }
-    headers = {
-        "content-type": "application/json",
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": "2026-07-28",
-        "mcp-method": "tools/call",
-        "mcp-name": "echo",
-    }
-    return headers, json.dumps(body).encode()
 
 
 def _workers_of(pid: int) -> set[int]:
@@ -129,7 +105,7 @@ async def test_workers_share_the_port_budgets_metrics_and_audit(
             sem = asyncio.Semaphore(8)
 
             async def one(n: int) -> str:
-                headers, body = _call(n)
+                headers, body = tool_call(str(n), "echo", {"text": f"call {n}"})
                 async with sem:
                     r = await client.post(f"{base}/mcp/demo", content=body, headers={**headers, **auth})
                 assert r.status_code == 200, r.text
