@@ -17,6 +17,7 @@ run: $(BIN)/bastion
 test: $(BIN)/bastion
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	@# pytest exits 5 when it collected nothing: a failure, never a pass
 	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected' >&2; exit 1; fi; exit $$rc
 
@@ -24,6 +25,7 @@ lint: $(BIN)/bastion
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(BIN)/bastion
 	$(BIN)/python -m bench

@@ -20,7 +20,7 @@ from sqlalchemy import delete
 from gateway import config as config_mod
 from gateway.call import Principal, ToolCall
 from gateway.stages.budget import BudgetStage
-from gateway.state import budget_usage, open_state, sqlite_writer
+from gateway.state.db import budget_usage, open_state, sqlite_writer
 
 RULE = {"name": "bench", "per": ["user"], "limit": 10**12, "window": "1d"}
 USER = Principal(sub="bench-user", issuer="bench")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from gateway.call import Principal
 from gateway.config import PolicyConfig, ToolSettings
-from gateway.stages.policy import PolicyEngine
+from gateway.policy.engine import PolicyEngine
 
 __all__ = ["SIZES", "decision_us", "run"]
 

@@ -23,7 +23,7 @@ from bench import processes
 from bench.load import LoadResult, drive
 from bench.micro import Micro, run_all
 from bench.profile import Profile, summarize
-from gateway.devkeys import ensure_dev_key
+from gateway.identity.devkeys import ensure_dev_key
 
 SMALL_ARGS = {"text": "hello"}
 PROFILE_RATE = 500

@@ -27,8 +27,8 @@ from audit.record import SCHEMA_VERSION, AuditRecord, new_id
 from audit.store import AuditStore
 from audit.writer import AuditWriter
 from gateway.config import IdentityConfig, IssuerConfig
-from gateway.devkeys import DEV_ISSUER, ensure_dev_key
-from gateway.stages.identity import Authenticator
+from gateway.identity.authenticator import Authenticator
+from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
 
 
 @dataclass(frozen=True)

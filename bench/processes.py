@@ -19,8 +19,8 @@ import httpx
 import yaml
 
 from gateway import config as config_mod
-from gateway.devkeys import DEV_ISSUER, ensure_dev_key
 from gateway.errors import ConfigError
+from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM = "bench"

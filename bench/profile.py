@@ -9,11 +9,11 @@ from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 WATCH = (
-    "gateway/fronts/mcp.py",
+    "gateway/fronts/mcp/endpoint.py",
     "gateway/pipeline.py",
     "gateway/upstreams/streamable_http.py",
-    "gateway/stages/identity.py",
-    "gateway/stages/policy.py",
+    "gateway/identity/authenticator.py",
+    "gateway/policy/engine.py",
     "audit/writer.py",
     "audit/store.py",
     "gateway/logs.py",

@@ -31,33 +31,35 @@ from audit.sqlite_thread import SQLiteThread
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
-from gateway.approvals import Approvals
 from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.admin_api import AdminAPI
-from gateway.fronts.aggregate import AggregateFront
 from gateway.fronts.approvals_api import ApprovalsAPI
 from gateway.fronts.http_api import HTTPToolAPI, openapi_json
-from gateway.fronts.mcp import MCPFront
-from gateway.fronts.sessions import SessionSigner, load_or_create_secret
+from gateway.fronts.mcp.aggregate import AggregateFront
+from gateway.fronts.mcp.endpoint import MCPFront
+from gateway.fronts.mcp.sessions import SessionSigner, load_or_create_secret
 from gateway.health import circuits, readiness
-from gateway.idempotency import CallRegistry
-from gateway.pinning import PinningStage, ToolPins
-from gateway.pipeline import Pipeline, PolicyStage, Stage
-from gateway.policy_reload import PolicyWatcher
+from gateway.identity.authenticator import Authenticator
+from gateway.pipeline import Pipeline, Stage
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.reload import PolicyWatcher
 from gateway.stages.budget import BudgetStage
-from gateway.stages.identity import Authenticator
-from gateway.stages.policy import PolicyEngine
-from gateway.state import open_state, sqlite_writer
-from gateway.taint import SessionTaint, TaintStage
+from gateway.stages.pinning import PinningStage
+from gateway.stages.policy import PolicyStage
+from gateway.stages.taint import SessionTaint, TaintStage
+from gateway.state.approvals import Approvals
+from gateway.state.db import open_state, sqlite_writer
+from gateway.state.idempotency import CallRegistry
+from gateway.state.pins import ToolPins
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http_tools import HTTPToolsUpstream
 from gateway.upstreams.stdio import StdioUpstream
 from gateway.upstreams.streamable_http import StreamableHTTPUpstream
 
 if TYPE_CHECKING:
-    from gateway.redaction.stage import Redactor
+    from gateway.stages.redact import Redactor
 
 log = logging.getLogger("bastion")
 
@@ -108,7 +110,7 @@ class Gateway:
         session_key = load_or_create_secret(cfg.sessions.secret_file or data_dir / "session.key")
         redactor: Redactor | None = None
         if cfg.redaction is not None:
-            from gateway.redaction.stage import Redactor  # imports Presidio (~1 s): only when configured
+            from gateway.stages.redact import Redactor  # imports Presidio (~1 s): only when configured
 
             key_path = cfg.redaction.hmac_key_file or data_dir / "redaction-hmac.key"
             redactor = Redactor(cfg.redaction, load_or_create_secret(key_path))

@@ -18,7 +18,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from gateway import config as config_mod
 from gateway.app import Gateway, bind, build_app, hold_stop_signals, server_for
 from gateway.config import Config
-from gateway.devkeys import DEV_ISSUER, ensure_dev_key
+from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
 
 
 def demo_server() -> MCPServer:

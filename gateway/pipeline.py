@@ -13,7 +13,7 @@
 - `approval_required` (policy's `@obligation("approval")`) is looked up in the approvals store
   right where it is raised: an approved identical call continues through the later stages and
   consumes its approval only once all of them let it through; otherwise `admit` holds the call
-  as a pending request (gateway/approvals.py) and records it with outcome `held`.
+  as a pending request (gateway/state/approvals.py) and records it with outcome `held`.
 - The audit record is written for every call the pipeline saw, whatever happened. Write-ahead:
   an allowed call's decision is made durable as a `pending` record (`begin`) before it is
   forwarded, and `finish` adds the outcome, so a crash in between still leaves the attempt on
@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,15 +36,14 @@ from audit.record import PENDING, SCHEMA_VERSION, AuditRecord, args_hmac, shape_
 from audit.store import AuditStoreError
 from audit.writer import AuditWriter
 from gateway import logs, metrics
-from gateway.approvals import Approvals, binding_of
-from gateway.call import Action, Decision, Outcome, OutcomeStatus, Reason, ToolCall
-from gateway.config import ToolSettings
+from gateway.call import Decision, Outcome, OutcomeStatus, Reason, ToolCall
 from gateway.errors import AuditUnavailable
-from gateway.stages.policy import PolicyEngine
-from gateway.taint import SessionTaint, check_result
+from gateway.stages.policy import PolicyStage
+from gateway.stages.taint import SessionTaint, check_result
+from gateway.state.approvals import Approvals, binding_of
 
 if TYPE_CHECKING:
-    from gateway.redaction.stage import Redactor
+    from gateway.stages.redact import Redactor
 
 log = logging.getLogger("bastion.pipeline")
 
@@ -53,59 +52,6 @@ class Stage(Protocol):
     name: str
 
     async def __call__(self, call: ToolCall) -> Decision | None: ...
-
-
-class PolicyStage:
-    """Cedar: who may call which tool with which arguments."""
-
-    name = "policy"
-
-    def __init__(
-        self,
-        engine: Callable[[], PolicyEngine],
-        settings: Callable[[str, str], ToolSettings],
-        budget_view: Callable[[ToolCall], Awaitable[dict[str, Any]]] | None = None,
-    ) -> None:
-        self._engine = engine
-        self._settings = settings
-        self._budget_view = budget_view
-
-    async def __call__(self, call: ToolCall) -> Decision | None:
-        if call.principal is None:
-            return Decision.deny("identity", "unauthenticated", "no verified principal")
-        engine = self._engine()
-        budget = None
-        if engine.uses_budget and self._budget_view is not None:
-            # Read only when some policy reads `context.budget`: one query per matching budget.
-            try:
-                budget = await self._budget_view(call)
-            except SQLAlchemyError as exc:
-                return Decision.deny(
-                    "policy", "budget-unavailable", f"budget state unavailable: {type(exc).__name__}"
-                )
-        return self._decide(engine, call, call.action, budget)
-
-    def approve_own(self, call: ToolCall) -> bool:
-        """Whether Cedar lets the caller approve this call themselves (`Action::"approve_own"`)."""
-        if call.principal is None:
-            return False
-        return self._decide(self._engine(), call, "approve_own", None).effect == "allow"
-
-    def _decide(
-        self, engine: PolicyEngine, call: ToolCall, action: Action, budget: dict[str, Any] | None
-    ) -> Decision:
-        assert call.principal is not None
-        return engine.decide(
-            call.principal,
-            action,
-            call.upstream,
-            call.tool,
-            call.arguments,
-            self._settings(call.upstream, call.tool),
-            pii=call.pii_input,
-            budget=budget,
-            session_tainted=call.session_tainted,
-        )
 
 
 class Pipeline:

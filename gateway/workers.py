@@ -125,7 +125,7 @@ async def _prepare(cfg: Config) -> None:
     """Create or migrate the audit and state schemas once, before the workers open them all at
     the same moment (concurrent DDL on one database would fail some of them)."""
     from audit.store import AuditStore, AuditStoreError
-    from gateway.state import open_state
+    from gateway.state.db import open_state
 
     try:
         store = await AuditStore.open(cfg.audit.url)

@@ -25,7 +25,7 @@ from gateway import config as config_mod
 from gateway.app import Gateway, bind, build_app, server_for
 from gateway.config import Config
 from gateway.demo import demo_server
-from gateway.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
+from gateway.identity.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"

@@ -18,7 +18,7 @@ from mcp.server.mcpserver import MCPServer
 from starlette.types import Receive, Scope, Send
 
 from gateway.app import Gateway
-from gateway.devkeys import DevKey
+from gateway.identity.devkeys import DevKey
 
 META = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",

@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.approvals import approvals_table
 from gateway.call import Principal, ToolCall
-from gateway.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
+from gateway.identity.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
+from gateway.state.approvals import approvals_table
 
 POLICY = """
 @id("finance-pay")

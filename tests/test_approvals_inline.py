@@ -26,8 +26,8 @@ from gateway import config as config_mod
 from gateway.app import Gateway
 from gateway.call import Principal
 from gateway.config import PolicyConfig, ToolSettings
-from gateway.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
-from gateway.stages.policy import PolicyEngine
+from gateway.identity.devkeys import DEV_ISSUER, DevKey, ensure_dev_key
+from gateway.policy.engine import PolicyEngine
 
 POLICY = """
 @id("finance-bank")

@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import approvals as approvals_mod
 from gateway import metrics
-from gateway.approvals import Approvals
 from gateway.call import Principal, ToolCall
 from gateway.config import ApprovalsConfig, ApprovalWebhookConfig
-from gateway.state import open_state
+from gateway.state import approvals as approvals_mod
+from gateway.state.approvals import Approvals
+from gateway.state.db import open_state
 
 KEY = b"webhook-retry-key"
 

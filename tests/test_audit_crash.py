@@ -27,7 +27,7 @@ from audit.checkpoint import load_public_key
 from audit.store import AuditStore
 from audit.verify import verify
 from gateway.demo import demo_server
-from gateway.devkeys import DEV_ISSUER, DevKey
+from gateway.identity.devkeys import DEV_ISSUER, DevKey
 
 MODERN_META = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",

@@ -20,7 +20,7 @@ from gateway import config as config_mod
 from gateway.call import Principal, ToolCall
 from gateway.config import BudgetRule
 from gateway.stages.budget import BudgetStage, usage
-from gateway.state import budget_usage, open_state
+from gateway.state.db import budget_usage, open_state
 
 PG = os.environ.get("BASTION_TEST_PG")
 ALICE = Principal(sub="alice", issuer="test", groups=frozenset({"developers"}))

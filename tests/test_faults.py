@@ -30,7 +30,7 @@ from test_spine import mcp_client
 from gateway import config as config_mod
 from gateway import metrics
 from gateway.app import Gateway
-from gateway.devkeys import DevKey
+from gateway.identity.devkeys import DevKey
 
 TOOLS = [
     "ok",

@@ -18,8 +18,8 @@ from test_spine import mcp_client
 
 from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.devkeys import DevKey
 from gateway.errors import ConfigError
+from gateway.identity.devkeys import DevKey
 
 
 class CRM:

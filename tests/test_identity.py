@@ -26,9 +26,9 @@ from starlette.routing import Route
 
 from gateway.call import Principal
 from gateway.config import IdentityConfig, IssuerConfig
-from gateway.devkeys import DEV_ISSUER, SigningKey, ensure_dev_key, generate_key
 from gateway.errors import AuthError, ConfigError
-from gateway.stages.identity import Authenticator
+from gateway.identity.authenticator import Authenticator
+from gateway.identity.devkeys import DEV_ISSUER, SigningKey, ensure_dev_key, generate_key
 
 BASE = "http://127.0.0.1:8080"
 ISS = "https://idp.test/realms/agents"

@@ -29,13 +29,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import config as config_mod
-from gateway.apikeys import new_key
 from gateway.app import Gateway
 from gateway.cli import main as cli_main
 from gateway.config import OAuthClientConfig
 from gateway.demo import demo_server
-from gateway.devkeys import SigningKey, generate_key
 from gateway.errors import ConfigError, UpstreamError
+from gateway.identity.apikeys import new_key
+from gateway.identity.devkeys import SigningKey, generate_key
 from gateway.upstreams.credentials import ClientCredentials, upstream_auth
 
 ES = generate_key("ES256", kid="idp-es-1")

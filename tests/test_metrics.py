@@ -24,8 +24,8 @@ from test_spine import modern_call, modern_headers
 from gateway import config as config_mod
 from gateway import logs
 from gateway.app import Gateway
-from gateway.devkeys import DevKey
 from gateway.errors import ConfigError
+from gateway.identity.devkeys import DevKey
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PLANTED = "sk_live_PLANTED0secret0value0do0not0log"

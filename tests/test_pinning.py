@@ -23,10 +23,10 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.app import Gateway
 from gateway.config import PinningConfig
-from gateway.devkeys import DevKey
-from gateway.injection import scan_text, scan_tool
-from gateway.pinning import ToolPins, approve, list_pins, reject, tool_pins
-from gateway.state import open_state
+from gateway.identity.devkeys import DevKey
+from gateway.redaction.injection import scan_text, scan_tool
+from gateway.state.db import open_state
+from gateway.state.pins import ToolPins, approve, list_pins, reject, tool_pins
 
 PG = os.environ.get("BASTION_TEST_PG")
 META = {

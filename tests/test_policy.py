@@ -10,7 +10,9 @@ import cedarpy
 import pytest
 
 from gateway.call import Principal
-from gateway.cedar_context import (
+from gateway.config import PolicyConfig, ToolSettings
+from gateway.errors import ConfigError
+from gateway.policy.context import (
     MAX_DEPTH,
     MAX_LEAVES,
     ArgumentError,
@@ -18,9 +20,7 @@ from gateway.cedar_context import (
     args_type_from_input_schemas,
     sanitize_args,
 )
-from gateway.config import PolicyConfig, ToolSettings
-from gateway.errors import ConfigError
-from gateway.stages.policy import PolicyEngine, budget_context_type
+from gateway.policy.engine import PolicyEngine, budget_context_type
 
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 REPO_SCHEMA = (REPO_POLICIES / "schema.cedarschema").read_text()

@@ -12,9 +12,9 @@ import pytest
 from gateway.cli import main
 from gateway.config import PolicyConfig
 from gateway.errors import ConfigError
-from gateway.policy_cases import CaseError, discover, load_suite, run_suite
-from gateway.policy_entities import load_entities
-from gateway.stages.policy import PolicyEngine, budget_context_type
+from gateway.policy.cases import CaseError, discover, load_suite, run_suite
+from gateway.policy.engine import PolicyEngine, budget_context_type
+from gateway.policy.entities import load_entities
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 SCHEMA_TEXT = (POLICIES / "schema.cedarschema").read_text()

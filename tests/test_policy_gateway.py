@@ -27,8 +27,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway.app import Gateway
-from gateway.devkeys import DevKey
-from gateway.policy_cli import explain
+from gateway.cli.policy import explain
+from gateway.identity.devkeys import DevKey
 
 SCHEMA = POLICIES / "schema.cedarschema"
 TOOLS = {"delete_note": {"risk": "write"}, "transfer": {"risk": "external"}}

@@ -19,7 +19,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import EmbeddedResource, TextContent, TextResourceContents
 
 from gateway.app import Gateway
-from gateway.devkeys import DevKey
+from gateway.identity.devkeys import DevKey
 from tests.conftest import POLICIES, free_port, make_config, running, running_gateway
 
 MODES = ["legacy", "2026-07-28"]

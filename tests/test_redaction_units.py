@@ -14,7 +14,7 @@ from gateway.call import ToolCall
 from gateway.config import RedactionConfig
 from gateway.errors import ConfigError
 from gateway.redaction.engine import build_scanner
-from gateway.redaction.stage import Redactor
+from gateway.stages.redact import Redactor
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from audit.store import AuditStore
 from gateway.app import Gateway
-from gateway.devkeys import ensure_dev_key
+from gateway.identity.devkeys import ensure_dev_key
 
 MODES = ["legacy", "2026-07-28"]
 UPSTREAMS = ["demo", "legacy"]

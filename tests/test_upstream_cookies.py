@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from test_spine import mcp_client
 
 from gateway.demo import demo_server
-from gateway.devkeys import ensure_dev_key
+from gateway.identity.devkeys import ensure_dev_key
 
 
 class CookieSetter:

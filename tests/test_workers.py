@@ -26,8 +26,8 @@ from audit.checkpoint import load_public_key
 from audit.store import AuditStore
 from audit.verify import verify
 from gateway import config as config_mod
-from gateway.devkeys import DEV_ISSUER, DevKey
 from gateway.errors import ConfigError
+from gateway.identity.devkeys import DEV_ISSUER, DevKey
 
 LIMIT = 30
 CALLS = 40

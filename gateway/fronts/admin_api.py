@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from gateway.call import Principal
 from gateway.config import Config
 from gateway.errors import AuthError
+from gateway.identity.authenticator import Authenticator
 from gateway.stages.budget import usage
-from gateway.stages.identity import Authenticator
 
 
 class AdminAPI:

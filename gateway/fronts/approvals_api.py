@@ -20,26 +20,36 @@ import hashlib
 import hmac
 import html
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from gateway.approvals import Approval, ApprovalError, Approvals
 from gateway.call import Principal
+from gateway.config import Config, ToolSettings
 from gateway.fronts.admin_api import AdminAPI
-from gateway.fronts.sessions import load_or_create_secret
+from gateway.fronts.mcp.sessions import load_or_create_secret
+from gateway.policy.engine import PolicyEngine
+from gateway.state.approvals import Approval, ApprovalError, Approvals
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+
+class Host(Protocol):
+    """What the approvals API needs of the running gateway (`gateway.app.Gateway` is one)."""
+
+    cfg: Config
+    base_url: str
+    approvals: Approvals | None
+    policy: PolicyEngine | None
+
+    def settings_for(self, upstream: str, tool: str) -> ToolSettings: ...
 
 MAX_BODY = 16_384
 
 
 class ApprovalsAPI:
-    def __init__(self, gw: Gateway, admin: AdminAPI) -> None:
+    def __init__(self, gw: Host, admin: AdminAPI) -> None:
         self.gw = gw
         self.admin = admin
         self._form_key = load_or_create_secret(gw.cfg.data_dir / "approvals-form.key")

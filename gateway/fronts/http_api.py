@@ -25,9 +25,9 @@ from gateway.call import Decision, Outcome, Principal, ToolCall
 from gateway.errors import AuthError, BastionError, CircuitOpen, ProtocolError, UpstreamError
 from gateway.fronts.client_info import client_name
 from gateway.fronts.jsonrpc import parse_json
-from gateway.fronts.mcp import MCPFront, _read_body
-from gateway.idempotency import DuplicateCall, IdempotencyUnavailable
-from gateway.stages.identity import require_scopes
+from gateway.fronts.mcp.endpoint import MCPFront, _read_body
+from gateway.identity.authenticator import require_scopes
+from gateway.state.idempotency import DuplicateCall, IdempotencyUnavailable
 
 _FIELDS = {"upstream", "tool", "arguments", "call_id"}
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from audit.sqlite_thread import SQLiteThread
 from gateway.call import Decision, Principal, Reason, ToolCall
 from gateway.config import BudgetRule, CostTable
-from gateway.state import budget_usage
+from gateway.state.db import budget_usage
 
 
 @dataclass(frozen=True, slots=True)

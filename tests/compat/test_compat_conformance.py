@@ -24,7 +24,7 @@ import pytest
 from conftest import POLICIES, free_port, make_config, running, running_gateway
 from starlette.types import Receive, Scope, Send
 
-from gateway.devkeys import DevKey
+from gateway.identity.devkeys import DevKey
 
 from .conformance_server import conformance_server
 from .conftest import Clients, run

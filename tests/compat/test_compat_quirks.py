@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from gateway.call import Decision, Reason
-from gateway.devkeys import DEV_ISSUER
-from gateway.fronts.results import DECISION_META, denied_result
+from gateway.fronts.mcp.results import DECISION_META, denied_result
+from gateway.identity.devkeys import DEV_ISSUER
 
 ACCEPT = "application/json, text/event-stream"
 

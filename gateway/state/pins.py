@@ -10,7 +10,7 @@ is the approved one; otherwise it is removed from `tools/list` and its calls are
 
 Definitions are learned from every `tools/list` answer that crosses Bastion and from the
 start-up discovery; a `tools/call` for a tool never seen makes Bastion list the upstream's tools
-first. Each new definition is scanned (`gateway.injection`); a flagged one is never approved
+first. Each new definition is scanned (`gateway.redaction.injection`); a flagged one is never approved
 automatically, whatever the mode.
 
 The per-call check reads an in-memory copy of the pins, re-read from the DB every
@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,13 +32,12 @@ from sqlalchemy import Column, String, Table, Text, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.call import Decision, ToolCall
 from gateway.config import PinningConfig
 from gateway.errors import PinsUnavailable
-from gateway.injection import Finding, scan_tool
-from gateway.state import metadata
+from gateway.redaction.injection import Finding, scan_tool
+from gateway.state.db import metadata
 
-__all__ = ["Pin", "PinningStage", "ToolPins", "approve", "definition_of", "list_pins", "reject"]
+__all__ = ["Pin", "ToolPins", "approve", "definition_of", "list_pins", "reject"]
 
 log = logging.getLogger("bastion.pinning")
 
@@ -282,45 +280,6 @@ class ToolPins:
             if pin is not None and pin.usable and pin.approved_sha256 == seen.get(name):
                 kept.append(tool)
         return kept
-
-
-class PinningStage:
-    """Refuses calls to tools whose current definition is not approved.
-
-    First in the pipeline: a quarantined tool is refused before anything is scanned or charged.
-    A tool Bastion has never seen makes it list the upstream's tools once (`recheck`) first. If
-    the upstream cannot be listed (it is down), an unseen tool passes in the modes that would
-    trust it on first sight anyway (`tofu`, `auto_approve`): the call then fails at the upstream
-    like any call to an unreachable server. `enforce` refuses it.
-    """
-
-    name = "pinning"
-
-    def __init__(self, pins: ToolPins, recheck: Callable[[str], Awaitable[bool]]) -> None:
-        self._pins = pins
-        self._recheck = recheck
-
-    async def __call__(self, call: ToolCall) -> Decision | None:
-        try:
-            pin = await self._pins.get(call.upstream, call.tool)
-            if pin is None:
-                listed = await self._recheck(call.upstream)
-                pin = await self._pins.get(call.upstream, call.tool)
-                if pin is None and not listed and self._pins.cfg.mode != "enforce":
-                    return None
-        except SQLAlchemyError as exc:
-            return Decision.deny(
-                "pinning", "pins-unavailable", f"tool pins unavailable: {type(exc).__name__}"
-            )
-        if pin is None:
-            return Decision.deny(
-                "pinning",
-                "tool-not-approved",
-                f"tool {call.resource} is not approved: the upstream does not list it",
-            )
-        if not pin.usable:
-            return Decision.deny("pinning", "tool-not-approved", pin.why_not())
-        return None
 
 
 # -- operator commands (`bastion tools ...`) -------------------------------------------------

@@ -7,7 +7,7 @@ identity provider is unreachable, for at most `jwks_stale_s` past the TTL: then 
 tokens are refused until a fetch succeeds. A verified token is cached until its `exp`, so the
 agent that reuses one token for many calls pays for the signature check once.
 
-API keys (`Bearer bst_...`, see `gateway.apikeys`) are told apart from JWTs by their prefix.
+API keys (`Bearer bst_...`, see `gateway.identity.apikeys`) are told apart from JWTs by their prefix.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.exceptions import InvalidSubjectError
 
-from gateway.apikeys import ApiKeys, looks_like_key
 from gateway.call import Principal
 from gateway.config import IdentityConfig, IssuerConfig
 from gateway.errors import AuthError, ConfigError, InsufficientScope
+from gateway.identity.apikeys import ApiKeys, looks_like_key
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 async def _usage(cfg: Config, user: str | None) -> list[dict[str, Any]]:
     from gateway.stages.budget import usage
-    from gateway.state import open_state
+    from gateway.state.db import open_state
 
     engine = await open_state(cfg.state.url)
     try:

@@ -25,10 +25,10 @@ from gateway import metrics
 from gateway.call import Principal, ToolCall
 from gateway.errors import AuthError, BastionError, ForbiddenError, SessionError
 from gateway.fronts import jsonrpc
-from gateway.fronts.eras import HANDSHAKE_VERSIONS, MODERN_VERSIONS, check_modern_headers
-from gateway.fronts.inline import elicitation_modes, modern_elicitation
-from gateway.fronts.mcp import Exchange, MCPFront, _call_id, _read_body, _trace_id
-from gateway.stages.identity import require_scopes
+from gateway.fronts.mcp.endpoint import Exchange, MCPFront, _call_id, _read_body, _trace_id
+from gateway.fronts.mcp.eras import HANDSHAKE_VERSIONS, MODERN_VERSIONS, check_modern_headers
+from gateway.fronts.mcp.inline import elicitation_modes, modern_elicitation
+from gateway.identity.authenticator import require_scopes
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.streamable_http import LEGACY_VERSION, MODERN_VERSION
 

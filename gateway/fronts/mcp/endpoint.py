@@ -57,7 +57,7 @@ from gateway.errors import (
 )
 from gateway.fronts import jsonrpc
 from gateway.fronts.client_info import client_name
-from gateway.fronts.eras import (
+from gateway.fronts.mcp.eras import (
     HANDSHAKE_VERSIONS,
     MODERN_VERSIONS,
     check_modern_headers,
@@ -67,13 +67,13 @@ from gateway.fronts.eras import (
     response_to,
     send_in_era,
 )
-from gateway.fronts.inline import InlineApprovals, elicitation_modes, modern_elicitation
-from gateway.fronts.results import denied_result, repeat_answer
-from gateway.fronts.sessions import Session, SessionSigner
-from gateway.idempotency import CallRegistry, DuplicateCall, IdempotencyUnavailable, Previous
-from gateway.pinning import ToolPins
+from gateway.fronts.mcp.inline import InlineApprovals, elicitation_modes, modern_elicitation
+from gateway.fronts.mcp.results import denied_result, repeat_answer
+from gateway.fronts.mcp.sessions import Session, SessionSigner
+from gateway.identity.authenticator import Authenticator, require_scopes
 from gateway.pipeline import Pipeline, sha256_hex
-from gateway.stages.identity import Authenticator, require_scopes
+from gateway.state.idempotency import CallRegistry, DuplicateCall, IdempotencyUnavailable, Previous
+from gateway.state.pins import ToolPins
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.resilience import Delivered, FaultGuard, may_have_run, surely_not_sent
 from gateway.upstreams.streamable_http import (

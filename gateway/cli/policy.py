@@ -21,8 +21,8 @@ import yaml
 from gateway.call import Action, Decision, Principal, ToolCall
 from gateway.config import Config
 from gateway.errors import AuthError, ConfigError
-from gateway.policy_cases import CaseError, find_schema, run_paths
-from gateway.stages.policy import PolicyEngine
+from gateway.policy.cases import CaseError, find_schema, run_paths
+from gateway.policy.engine import PolicyEngine
 
 __all__ = ["explain", "register"]
 

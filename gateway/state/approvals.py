@@ -48,7 +48,7 @@ from gateway import metrics
 from gateway.call import Principal, ToolCall
 from gateway.config import ApprovalsConfig
 from gateway.errors import ConfigError
-from gateway.state import metadata
+from gateway.state.db import metadata
 
 __all__ = ["Approval", "ApprovalError", "Approvals", "binding_of"]
 

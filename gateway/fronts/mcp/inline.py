@@ -36,13 +36,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.approvals import ApprovalError, Approvals, binding_of
 from gateway.call import Decision, Principal, ToolCall
 from gateway.errors import BastionError
 from gateway.fronts import jsonrpc
+from gateway.state.approvals import ApprovalError, Approvals, binding_of
 
 if TYPE_CHECKING:
-    from gateway.fronts.mcp import Exchange, MCPFront
+    from gateway.fronts.mcp.endpoint import Exchange, MCPFront
 
 log = logging.getLogger("bastion.approvals")
 

@@ -49,9 +49,9 @@ def _config(args: argparse.Namespace) -> Config:
 async def _with_approvals(cfg: Config, work: Callable[[Any], Awaitable[Any]], audited: bool = False) -> Any:
     from audit.store import AuditStore, AuditStoreError
     from audit.writer import AuditWriter
-    from gateway.approvals import Approvals
     from gateway.errors import ConfigError
-    from gateway.state import open_state
+    from gateway.state.approvals import Approvals
+    from gateway.state.db import open_state
 
     engine = await open_state(cfg.state.url)
     store = writer = None
@@ -105,7 +105,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from gateway.approvals import ApprovalError
+    from gateway.state.approvals import ApprovalError
 
     by = args.by or _login()
 

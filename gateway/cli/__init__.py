@@ -15,8 +15,13 @@ from pathlib import Path
 
 from audit import cli as audit_cli
 from audit.cli import AuditSettings
-from gateway import approvals_cli, budgets_cli, keys_cli, logs, policy_cli, tools_cli
 from gateway import config as config_mod
+from gateway import logs
+from gateway.cli import approvals as approvals_cli
+from gateway.cli import budgets as budgets_cli
+from gateway.cli import keys as keys_cli
+from gateway.cli import policy as policy_cli
+from gateway.cli import tools as tools_cli
 from gateway.config import Config
 from gateway.errors import ConfigError
 

@@ -11,7 +11,7 @@ from referencing import Registry
 
 from gateway.call import Decision
 from gateway.fronts import jsonrpc
-from gateway.idempotency import Previous
+from gateway.state.idempotency import Previous
 
 DECISION_META = "bastion/decision"
 

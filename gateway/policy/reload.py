@@ -22,7 +22,7 @@ from typing import Any
 from gateway import metrics
 from gateway.config import PolicyConfig
 from gateway.errors import ConfigError
-from gateway.stages.policy import PolicyEngine, policy_files
+from gateway.policy.engine import PolicyEngine, policy_files
 
 __all__ = ["PolicyWatcher", "ReloadStatus"]
 

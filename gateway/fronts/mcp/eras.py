@@ -19,7 +19,7 @@ from gateway.upstreams.base import Upstream
 from gateway.upstreams.streamable_http import MODERN_META, MODERN_VERSION, Reply
 
 if TYPE_CHECKING:
-    from gateway.fronts.mcp import Exchange
+    from gateway.fronts.mcp.endpoint import Exchange
 
 PLACEHOLDER_CLIENT_VERSION = "0.0.0-unknown"
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")

@@ -52,7 +52,7 @@ def _target(arg: str | None) -> tuple[str | None, str | None]:
 
 
 async def _with_state(cfg: Config, work: Any) -> Any:
-    from gateway.state import open_state
+    from gateway.state.db import open_state
 
     engine = await open_state(cfg.state.url)
     try:
@@ -68,7 +68,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from gateway.pinning import list_pins
+    from gateway.state.pins import list_pins
 
     upstream, tool = _target(args.target)
     pins = asyncio.run(_with_state(_config(args), lambda e: list_pins(e, upstream, tool)))
@@ -95,7 +95,7 @@ def _pretty(definition: str | None) -> list[str]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from gateway.pinning import list_pins
+    from gateway.state.pins import list_pins
 
     upstream, tool = _target(args.target)
     pins = asyncio.run(_with_state(_config(args), lambda e: list_pins(e, upstream, tool)))
@@ -119,7 +119,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from gateway.pinning import approve, list_pins, reject
+    from gateway.state.pins import approve, list_pins, reject
 
     upstream, tool = _target(args.target)
     assert upstream is not None

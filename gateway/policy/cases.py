@@ -22,7 +22,7 @@ import yaml
 from gateway.call import Action, Decision, Effect, Principal
 from gateway.config import PolicyConfig, ToolSettings
 from gateway.errors import ConfigError
-from gateway.stages.policy import PolicyEngine
+from gateway.policy.engine import PolicyEngine
 
 __all__ = [
     "DEFAULT_TIME",

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from gateway.apikeys import ApiKey, ApiKeyStore, from_config, new_key
 from gateway.config import Config
+from gateway.identity.apikeys import ApiKey, ApiKeyStore, from_config, new_key
 
 
 def _config(args: argparse.Namespace) -> Config:

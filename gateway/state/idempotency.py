@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.sqlite_thread import SQLiteThread
 from gateway.config import IdempotencyConfig
 from gateway.errors import BastionError
-from gateway.state import metadata
+from gateway.state.db import metadata
 
 log = logging.getLogger("bastion.idempotency")
 

@@ -1,0 +1,1 @@
+"""Who is asking: JWT and API-key authentication, key sets, dev keys."""
