@@ -45,6 +45,7 @@ class Host(Protocol):
 
     def settings_for(self, upstream: str, tool: str) -> ToolSettings: ...
 
+
 MAX_BODY = 16_384
 
 
