@@ -10,7 +10,7 @@ RUN pip install --no-cache-dir . \
  && useradd --system --uid 10001 --home-dir /var/lib/bastion --create-home bastion \
  && mkdir -p /etc/bastion \
  && chown bastion /etc/bastion
-COPY policies /etc/bastion/policies
+COPY gateway/demo/policies /etc/bastion/policies
 
 USER bastion
 WORKDIR /var/lib/bastion

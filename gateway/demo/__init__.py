@@ -20,6 +20,9 @@ from gateway.app import Gateway, bind, build_app, hold_stop_signals, server_for
 from gateway.config import Config
 from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
 
+POLICIES = Path(__file__).parent / "policies"
+"""The demo's policy set, schema and cases: package data, so `bastion demo` works from any directory."""
+
 
 def demo_server() -> MCPServer:
     """A small tool server: reads, a write, an 'external' payment and a streaming tool."""
@@ -66,7 +69,7 @@ def demo_config(port: int, upstream_url: str, data_dir: Path, host: str = "127.0
     data: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
-        "policy": {"dir": "policies"},
+        "policy": {"dir": str(POLICIES)},
         "upstreams": {
             "demo": {
                 "url": upstream_url,
