@@ -31,7 +31,6 @@ from audit.sqlite_thread import SQLiteThread
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
-from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.admin_api import AdminAPI
@@ -42,7 +41,7 @@ from gateway.fronts.mcp.endpoint import MCPFront
 from gateway.fronts.mcp.sessions import SessionSigner, load_or_create_secret
 from gateway.health import circuits, readiness
 from gateway.identity.authenticator import Authenticator
-from gateway.pipeline import Pipeline, Stage
+from gateway.pipeline import Pipeline, stages_in_order
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.reload import PolicyWatcher
 from gateway.stages.budget import BudgetStage
@@ -96,6 +95,7 @@ class Gateway:
         """Each upstream's tool definitions as listed at start-up (pinned once the state DB is open)."""
         self._rechecked: dict[str, tuple[float, bool]] = {}
         self._mcp: MCPFront | None = None
+        self.pipeline: Pipeline | None = None
 
     @property
     def mcp(self) -> MCPFront:
@@ -146,50 +146,48 @@ class Gateway:
             raise ConfigError(f"audit.url: {exc}") from exc
         self.state = await open_state(cfg.state.url)
         self.state_writer = await sqlite_writer(self.state)
-        # Policy first (cheap, in memory, most often says no), then budgets: nothing is charged
-        # for a call that policy refuses.
         budgets = BudgetStage(cfg.budgets, self.state, self.state_writer) if cfg.budgets else None
         view = budgets.view if budgets else None  # context.budget, read only when a policy uses it
-        stages: list[Stage] = [PolicyStage(self._policy, self.settings_for, view)]
-        if budgets is not None:
-            stages.append(budgets)
-        if redactor is not None:
-            # The argument scan precedes policy: Cedar's context.pii needs its findings. The
-            # arguments themselves are transformed after every stage (Pipeline.decide).
-            stages.insert(0, redactor)
+        policy = PolicyStage(self._policy, self.settings_for, view)
         taint = SessionTaint(self.state, cfg.pinning.refresh_s)
-        stages.insert(0, TaintStage(taint))  # context.session.tainted, read before policy
         self.pins = ToolPins(self.state, cfg.pinning)
         if self.pins.enabled:
             for name, tools in self.discovered_tools.items():
                 await self.pins.observe(name, tools)
-            # Pinning before everything: a quarantined tool is refused before its arguments are scanned.
-            stages.insert(0, PinningStage(self.pins, self.recheck_tools))
         self.approvals = Approvals(
             self.state, cfg.approvals, self.base_url, audit=self.writer, instance=instance
         )
-        pipeline = Pipeline(
-            stages,
+        pins = self.pins if self.pins.enabled else None
+        self.pipeline = Pipeline(
+            stages_in_order(
+                pinning=PinningStage(self.pins, self.recheck_tools) if pins else None,
+                taint=TaintStage(taint),
+                redaction=redactor,
+                policy=policy,
+                budgets=budgets,
+            ),
             self.writer,
             instance=instance,
             hmac_key=hmac_key,
+            upstreams=self.upstreams,
+            policy=policy,
             redactor=redactor,
             taint=taint,
             approvals=self.approvals,
+            calls=CallRegistry(self.state, cfg.idempotency, hmac_key, self.state_writer),
+            pins=pins,
         )
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(
             self.upstreams,
             self.auth,
-            pipeline,
+            self.pipeline,
             signer,
-            self.allowed_tools,
             self.base_url,
             cfg.listen.allowed_origins,
-            pins=self.pins if self.pins.enabled else None,
             recheck=self.recheck_tools,
+            allow_methods=frozenset(cfg.mcp.allow_methods),
         )
-        self._mcp.calls = CallRegistry(self.state, cfg.idempotency, hmac_key, self.state_writer)
         self._mcp.max_body, self._mcp.max_depth = cfg.listen.max_body_bytes, cfg.listen.max_json_depth
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
         if cfg.policy.watch:
@@ -205,6 +203,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.policy_watcher is not None:
             await self.policy_watcher.aclose()
+        if self.pipeline is not None:
+            await self.pipeline.drain()
         if self.approvals is not None:
             await self.approvals.aclose()
         if self.writer is not None:
@@ -232,11 +232,6 @@ class Gateway:
     def settings_for(self, upstream: str, tool: str) -> ToolSettings:
         u = self.cfg.upstreams.get(upstream)
         return u.tools.get(tool, _DEFAULT_TOOL) if u else _DEFAULT_TOOL
-
-    def allowed_tools(self, principal: Principal, upstream: str, names: list[str]) -> set[str]:
-        return self._policy().allowed_tools(
-            principal, upstream, names, lambda t: self.settings_for(upstream, t)
-        )
 
     async def recheck_tools(self, upstream: str) -> bool:
         """List an upstream's tools again and pin what changed (an unknown tool was called, or the
@@ -348,7 +343,8 @@ def build_app(gw: Gateway) -> Starlette:
 
     def http_api() -> HTTPToolAPI:
         if not api:
-            api.append(HTTPToolAPI(gw.mcp))
+            mcp = gw.mcp
+            api.append(HTTPToolAPI(mcp.pipeline, gw.auth, gw.base_url, mcp.max_body, mcp.max_depth))
         return api[0]
 
     async def tool_calls(request: Request) -> Response:

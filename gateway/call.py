@@ -16,10 +16,19 @@ from typing import Any, Literal
 from audit.record import new_id
 
 Effect = Literal["allow", "deny", "transform", "approval_required"]
-Action = Literal["call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own"]
+Action = Literal[
+    "call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own", "message"
+]
+"""Cedar actions, and `message`: an MCP message refused before any action applies (its method
+is the record's `tool`)."""
 OutcomeStatus = Literal[
     "completed", "failed", "timeout", "denied", "error", "decided", "dead_letter", "duplicate", "held"
 ]
+
+
+RESULT_FIELDS = ("content", "structuredContent", "contents", "messages", "completion")
+"""What a client reads in a result (tool content, resource contents, prompt messages, completion
+values): redaction and the injection scan cover these; `_meta` and the rest are protocol."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +112,7 @@ class ToolCall:
 
     upstream: str
     tool: str
+    """The tool's name; for `read_resource` the resource's URI, for `get_prompt` the prompt's name."""
     arguments: dict[str, Any]
     protocol: Literal["mcp", "http"] = "mcp"
     action: Action = "call_tool"
@@ -137,6 +147,8 @@ class ToolCall:
     """The human approval this call uses (approved, to be consumed) or waits for (held)."""
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
+    recorded: bool = False
+    """The final record has been made (or is being made): nothing may record the call again."""
     forwarded: float | None = None
     """`perf_counter()` when the call was handed to the upstream: `bastion_upstream_seconds` starts here."""
 

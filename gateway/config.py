@@ -480,6 +480,9 @@ class PinningConfig(_Strict):
 class McpConfig(_Strict):
     namespace_separator: str = Field("__", pattern=r"^[A-Za-z0-9_.-]{1,8}$")
     """Between upstream and tool name on the aggregated `/mcp` endpoint: `<upstream>__<tool>`."""
+    allow_methods: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./:-]{1,128}$")]] = []
+    """Methods outside Bastion's table relayed to upstreams anyway, without a decision or a
+    record (vendor extensions). Every other unlisted method is refused and recorded."""
 
 
 class Config(_Strict):

@@ -58,7 +58,6 @@ def circuits(gw: Gateway) -> dict[str, str]:
 
     Informational: an open circuit does not make the replica unready (every replica would see
     the same upstream down, and pulling them all would turn one failing tool into an outage)."""
-    front = gw._mcp
-    if front is None:
+    if gw.pipeline is None:
         return {}
-    return {name: guard.state or "none" for name, guard in sorted(front.guards.items())}
+    return {name: guard.state or "none" for name, guard in sorted(gw.pipeline.guards.items())}

@@ -87,6 +87,12 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="livemax",
 )
 AUTH_FAILURES = Counter("bastion_auth_failures", "Requests refused with 401", registry=REGISTRY)
+CORRELATION_REFUSED = Counter(
+    "bastion_mcp_correlation_refused",
+    "Cancellations and answers to server requests dropped: not about the sender's own requests",
+    ["kind"],
+    registry=REGISTRY,
+)
 AUDIT_FAILURES = Counter(
     "bastion_audit_write_failures", "Audit records that could not be written", registry=REGISTRY
 )

@@ -1,33 +1,50 @@
-"""The order in which a tool call is governed, written in one place.
+"""The governed path, written once: every governed message, from admission to its audit record.
 
-    front -> identity -> policy -> budget -> [redaction: later stages slot in here] -> upstream
-                                                                                       |
-    client <- response <---------------- audit (always, allowed or not) <--------------+
+    front -> run(call, out):
+        admit:   stages in order (below) -> approvals -> write-ahead record (pending)
+        repeat:  a call_id already used answers from its first call instead of running again
+        forward: through the upstream's fault guard (deadline, retries, breaker)
+        result:  redaction, then the injection scan of what the client will see
+        record:  the outcome completes the record, in a `finally` whatever happened
+    client <- Answer (the front renders it in its own wire format)
 
-- Identity runs in the front, once per HTTP request, because every MCP request (not only tool
-  calls) needs a principal: `initialize`, `tools/list` and the GET stream too. A call reaches the
-  pipeline with `call.principal` set; a refused credential is audited through `refuse()`.
-- Policy comes first among the stages: it is the cheapest (tens of µs, in memory) and the one
-  that most often says no, so nothing costly runs for a call that will be denied.
-- A stage returns a `Decision` or `None` (no objection). The first denial ends the chain.
-- `approval_required` (policy's `@obligation("approval")`) is looked up in the approvals store
-  right where it is raised: an approved identical call continues through the later stages and
-  consumes its approval only once all of them let it through; otherwise `admit` holds the call
-  as a pending request (gateway/state/approvals.py) and records it with outcome `held`.
-- The audit record is written for every call the pipeline saw, whatever happened. Write-ahead:
-  an allowed call's decision is made durable as a `pending` record (`begin`) before it is
-  forwarded, and `finish` adds the outcome, so a crash in between still leaves the attempt on
-  record. If the pending record cannot be written the call is denied and never forwarded
-  (`audit.on_unavailable: deny`). The response is sent only after the final record is durable;
-  if that fails the caller gets an error rather than an unrecorded result.
+The stage order is set in `stages_in_order` and nowhere else. Why each sits where it does:
+
+1. pinning: a tool whose definition changed (a rug pull) is refused before anything about the
+   call is scanned, charged or even evaluated.
+2. taint: reads whether the session is tainted, which Cedar's `context.session.tainted` needs.
+3. redaction (argument scan): finds PII in the arguments, which Cedar's `context.pii` needs. The
+   arguments are *transformed* only after every stage let the call through (`decide`).
+4. policy: cheap (tens of µs, in memory) and the one that most often says no, so nothing costly
+   runs, and nothing is charged, for a call that will be denied.
+5. budgets: charged last, once nothing else can refuse the call for policy reasons; a later
+   refusal (approval used meanwhile, audit store down, upstream unreachable) refunds them.
+
+Identity runs in the front, once per HTTP request, because every MCP request (not only governed
+ones) needs a principal: `initialize`, listings, the GET stream. A call reaches `run` with
+`call.principal` set; a refused credential is recorded through `refuse`.
+
+A stage returns a `Decision` or `None` (no objection); the first denial ends the chain.
+`approval_required` is looked up in the approvals store right where it is raised: an approved
+identical call continues through the later stages and consumes its approval once all of them
+let it through; otherwise `admit` holds it as a pending request (outcome `held`).
+
+Audit is write-ahead: an allowed call's decision is durable as a `pending` record before the
+call is forwarded, and the outcome completes it, so a crash in between leaves the attempt on
+record; if the pending record cannot be written the call is denied and never forwarded. The
+answer is released only after the final record is durable. Any exception on the way (a bug, a
+client that leaves) still completes the record, with status `error`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,16 +53,36 @@ from audit.record import PENDING, SCHEMA_VERSION, AuditRecord, args_hmac, shape_
 from audit.store import AuditStoreError
 from audit.writer import AuditWriter
 from gateway import logs, metrics
-from gateway.call import Decision, Outcome, OutcomeStatus, Reason, ToolCall
-from gateway.errors import AuditUnavailable
+from gateway.call import Action, Decision, Outcome, OutcomeStatus, Principal, Reason, ToolCall
+from gateway.errors import (
+    AuditUnavailable,
+    BastionError,
+    CircuitOpen,
+    DeadLetter,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.stages.policy import PolicyStage
-from gateway.stages.taint import SessionTaint, check_result
+from gateway.stages.taint import SessionTaint, check_result, session_key
 from gateway.state.approvals import Approvals, binding_of
+from gateway.state.idempotency import CallRegistry, IdempotencyUnavailable, Previous
+from gateway.state.pins import ToolPins
+from gateway.upstreams import forward
+from gateway.upstreams.base import Upstream
+from gateway.upstreams.forward import Outgoing, Private
+from gateway.upstreams.resilience import Delivered, FaultGuard, may_have_run, surely_not_sent
+from gateway.upstreams.streamable_http import Reply
 
 if TYPE_CHECKING:
     from gateway.stages.redact import Redactor
 
 log = logging.getLogger("bastion.pipeline")
+
+RESULT_OK: Mapping[Action, str] = {
+    "call_tool": "CallToolResult",
+    "read_resource": "ReadResourceResult",
+    "get_prompt": "GetPromptResult",
+}
 
 
 class Stage(Protocol):
@@ -54,7 +91,69 @@ class Stage(Protocol):
     async def __call__(self, call: ToolCall) -> Decision | None: ...
 
 
+def stages_in_order(
+    *,
+    pinning: Stage | None,
+    taint: Stage | None,
+    redaction: Stage | None,
+    policy: PolicyStage,
+    budgets: Stage | None,
+) -> list[Stage]:
+    """The one place the stage order is set; the module docstring says why each sits where it does."""
+    return [s for s in (pinning, taint, redaction, policy, budgets) if s is not None]
+
+
+@dataclass(slots=True)
+class Event:
+    """One event of an upstream's SSE answer. `final` is set on the call's own response: that
+    message, audited and (when redaction changed it) redacted, is what the client must see."""
+
+    data: str
+    id: str | None = None
+    event: str = "message"
+    final: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Answer:
+    """What became of a governed message, for the front to put on its wire.
+
+    - refused (`not decision.allowed`): denied or held; nothing was forwarded;
+    - `previous`: a repeated call_id, answered from the first call, nothing forwarded;
+    - `message`: the upstream's whole JSON-RPC response, audited (`raw`: its bytes, when unchanged);
+    - `events`: an SSE stream relayed as it arrives, its final response audited on the way;
+    - `status` >= 400 with `raw`: the upstream's HTTP error, recorded as a failure.
+    `private`: the request went out under a private id (shared session); the answer carries it.
+    """
+
+    call: ToolCall
+    decision: Decision
+    previous: Previous | None = None
+    message: dict[str, Any] | None = None
+    raw: bytes | None = None
+    status: int = 200
+    content_type: str | None = None
+    events: AsyncIterator[Event] | None = None
+    private: Private | None = None
+
+    @property
+    def refused(self) -> bool:
+        return not self.decision.allowed and self.previous is None and self.status == 200
+
+    async def whole(self) -> dict[str, Any]:
+        """The final response, reading a stream to its end if need be (for one-piece fronts)."""
+        if self.message is not None:
+            return self.message
+        if self.events is not None:
+            async for event in self.events:
+                if event.final is not None:
+                    return event.final
+        raise UpstreamError("upstream stream ended without a response")
+
+
 class Pipeline:
+    """Decides, forwards and records governed messages; see the module docstring."""
+
     def __init__(
         self,
         stages: Sequence[Stage],
@@ -62,20 +161,69 @@ class Pipeline:
         *,
         instance: str,
         hmac_key: bytes,
+        upstreams: Mapping[str, Upstream],
+        policy: PolicyStage,
         redactor: Redactor | None = None,
         taint: SessionTaint | None = None,
         approvals: Approvals | None = None,
+        calls: CallRegistry | None = None,
+        pins: ToolPins | None = None,
     ) -> None:
         self.stages = tuple(stages)
+        self.upstreams = upstreams
+        self.policy = policy
         self.redactor = redactor
         """Also one of `stages` (the argument scan, before policy); kept here for the later steps."""
         self.taint = taint
         """Results are scanned for prompt injection, which taints the session (None: not scanned)."""
         self.approvals = approvals
         """Where held calls wait for a human (None: `approval_required` is a denial)."""
+        self.calls = calls
+        """Claims of call_ids, so that a repeat never runs a non-idempotent tool twice."""
+        self.pins = pins
+        """Pinned tool definitions: listings show only approved ones (None: pinning is off)."""
+        self.guards = {name: FaultGuard(name, up.cfg) for name, up in upstreams.items()}
+        """Deadline, retries and circuit breaker per upstream, around every forwarded call."""
         self._writer = writer
         self._instance = instance
         self._hmac_key = hmac_key
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- the path -------------------------------------------------------------------------------
+
+    async def run(self, call: ToolCall, out: Outgoing, key: str | None = None) -> Answer:
+        """Govern one message: decide, forward what is allowed, record the outcome (always).
+
+        `key`: the call's idempotency key (a stable call_id), None when it has none. Upstream
+        failures are recorded, then raised as `UpstreamError`; anything else that goes wrong
+        records the call with status `error` and is raised."""
+        decision: Decision | None = None
+        try:
+            decision = await self.admit(call)
+            if not decision.allowed:
+                return Answer(call, decision)
+            if (previous := await self._repeat(call, decision, key)) is not None:
+                return Answer(call, decision, previous=previous)
+            if call.forward_args is not None:  # redacted: the client's bytes must not be forwarded
+                out = out.with_params(arguments=call.forward_args)
+            return await self._forward(call, decision, out)
+        except BaseException as exc:
+            if not call.recorded:
+                self._record_error(call, decision, exc)
+            raise
+
+    async def admit(self, call: ToolCall) -> Decision:
+        """Decide, then make the decision durable: a pending record for a call about to be
+        forwarded, the final record for a refused one."""
+        decision = await self.decide(call)
+        if decision.effect == "approval_required":
+            decision = await self.hold(call, decision)
+        if decision.allowed:
+            decision = await self.begin(call, decision)  # write-ahead, before forwarding
+        if not decision.allowed:
+            status: OutcomeStatus = "held" if decision.effect == "approval_required" else "denied"
+            await self.finish(call, decision, Outcome(status, self.elapsed_ms(call)))
+        return decision
 
     async def decide(self, call: ToolCall) -> Decision:
         """Run the stages in order; the first denial (or approval demand) ends the chain."""
@@ -136,32 +284,17 @@ class Pipeline:
         """Whether policy lets the caller answer their own held call's approval (inline form mode).
 
         Only a clean Allow of `Action::"approve_own"` counts; no default policy grants it."""
-        return any(isinstance(s, PolicyStage) and s.approve_own(call) for s in self.stages)
+        return self.policy.approve_own(call)
 
-    async def redact_result(
-        self, call: ToolCall, decision: Decision, result: dict[str, Any]
-    ) -> tuple[dict[str, Any] | None, Decision]:
-        """The tool result to return instead (None: as is) and the decision to record for the call.
-
-        Redaction first; then the injection scan of what the client will see (findings taint the
-        session and are added to the recorded decision)."""
-        redacted = None
-        if self.redactor is not None:
-            redacted, decision = await self.redactor.redact_result(call, decision, result)
-        if self.taint is not None:
-            shown = result if redacted is None else redacted
-            decision = await check_result(self.taint, call, decision, shown)
-        return redacted, decision
-
-    async def refund(self, call: ToolCall) -> None:
-        """The upstream could not be reached: stages that charged the call may give it back."""
-        for stage in self.stages:
-            refund = getattr(stage, "refund", None)
-            if refund is not None:
-                await refund(call)
+    def approval_of(self, call: ToolCall, decision: Decision) -> dict[str, str] | None:
+        """For a held call: its approval id, the approval page's URL and whom to ask."""
+        if decision.effect != "approval_required" or self.approvals is None or call.approval_id is None:
+            return None
+        return self.approvals.describe(call.approval_id)
 
     async def refuse(self, call: ToolCall, stage: str, policy: str, reason: str) -> Decision:
-        """Record a call refused before the stages could run (bad credential, malformed call)."""
+        """Record a message refused before the stages could run (bad credential, malformed or
+        unlisted method, a foreign request id)."""
         decision = Decision.deny(stage, policy, reason)
         await self.finish(call, decision, Outcome("denied", self.elapsed_ms(call)))
         return decision
@@ -169,19 +302,6 @@ class Pipeline:
     @staticmethod
     def elapsed_ms(call: ToolCall) -> float:
         return round((time.perf_counter() - call.started) * 1000, 3)
-
-    async def admit(self, call: ToolCall) -> Decision:
-        """Decide, then make the decision durable: a pending record for a call about to be
-        forwarded, the final record for a refused one. Every front calls this, whatever its wire."""
-        decision = await self.decide(call)
-        if decision.effect == "approval_required":
-            decision = await self.hold(call, decision)
-        if decision.allowed:
-            decision = await self.begin(call, decision)  # write-ahead, before forwarding
-        if not decision.allowed:
-            status: OutcomeStatus = "held" if decision.effect == "approval_required" else "denied"
-            await self.finish(call, decision, Outcome(status, self.elapsed_ms(call)))
-        return decision
 
     async def _approval(self, call: ToolCall, held: Decision) -> tuple[Decision, str | None]:
         """A held call's standing: approved (an allow, and the approval to consume), denied by a
@@ -251,6 +371,7 @@ class Pipeline:
         call is completed; any other call gets its one, final record."""
         metrics.decided(call.upstream, call.tool, decision)
         metrics.pii_found(call.pii_input, call.pii_output)
+        call.recorded = True
         final = {
             "status": outcome.status,
             "latency_ms": outcome.latency_ms,
@@ -274,6 +395,250 @@ class Pipeline:
         finally:
             metrics.STAGE_SECONDS.labels("audit").observe(time.perf_counter() - t0)
             logs.call_finished(call, decision, outcome)
+
+    async def refund(self, call: ToolCall) -> None:
+        """The upstream could not be reached: stages that charged the call may give it back."""
+        for stage in self.stages:
+            refund = getattr(stage, "refund", None)
+            if refund is not None:
+                await refund(call)
+
+    # -- listings ---------------------------------------------------------------------------------
+
+    async def listing(
+        self,
+        principal: Principal,
+        upstream: str,
+        action: Action,
+        items: list[Any],
+        key: str,
+        session: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The items of a list result this caller may see: those the call action could allow for
+        some arguments in this session (and, for tools, whose pinned definition is approved).
+        `key` names each item (`name`, `uri`, `uriTemplate`). Fails closed: an item whose
+        standing cannot be read is left out."""
+        shown = [i for i in items if isinstance(i, dict) and isinstance(i.get(key), str)]
+        if action == "call_tool" and self.pins is not None:
+            shown = await self.pins.keep_usable(upstream, shown)
+        tainted = False
+        if self.taint is not None and (found := session_key(principal, session)) is not None:
+            try:
+                tainted = await self.taint.is_tainted(found)
+            except SQLAlchemyError:
+                return []
+        names = [i[key] for i in shown]
+        allowed = self.policy.listable(principal, action, upstream, names, tainted, key == "uriTemplate")
+        return [i for i in shown if i[key] in allowed]
+
+    # -- forwarding -----------------------------------------------------------------------------
+
+    def guard(self, upstream: str) -> FaultGuard:
+        if (found := self.guards.get(upstream)) is None:
+            found = self.guards[upstream] = FaultGuard(upstream, self.upstreams[upstream].cfg)
+        return found
+
+    async def relay(
+        self, upstream: str, out: Outgoing, long_lived: bool = False
+    ) -> tuple[Reply, Private | None]:
+        """Send a message that is not a governed action (session, listing, correlated): no record."""
+        return await forward.send(self.upstreams[upstream], out, long_lived=long_lived)
+
+    async def _repeat(self, call: ToolCall, decision: Decision, key: str | None) -> Previous | None:
+        """A repeated call_id of a tool not marked idempotent: recorded and answered, never run."""
+        if self.calls is None or key is None or call.principal is None or call.action != "call_tool":
+            return None
+        settings = self.upstreams[call.upstream].cfg.tools.get(call.tool)
+        if settings is not None and settings.idempotent:
+            return None
+        fingerprint = self.calls.fingerprint(call.upstream, call.tool, call.arguments)
+        try:
+            previous = await self.calls.claim(call.principal.key, key, fingerprint, call.audit_id)
+        except IdempotencyUnavailable as err:
+            await self.refund(call)
+            await self.finish(call, decision, Outcome("error", self.elapsed_ms(call), None, err.message))
+            raise
+        if previous is not None:
+            await self.refund(call)
+            outcome = Outcome("duplicate", self.elapsed_ms(call), None, previous.message)
+            await self.finish(call, decision, outcome)
+        return previous
+
+    async def _forward(self, call: ToolCall, decision: Decision, out: Outgoing) -> Answer:
+        up = self.upstreams[call.upstream]
+        call.forwarded = time.perf_counter()
+        try:
+            delivered = await self.guard(up.name).deliver(call.tool, lambda: forward.send(up, out))
+        except UpstreamError as err:
+            await self._not_run(call, err)
+            await self._failed(call, decision, err)
+            raise
+        reply, private = delivered.reply, delivered.extra
+        if reply.status >= 400 or reply.status == 202:
+            body = delivered.raw if delivered.raw is not None else await reply.body()
+            why = f"upstream answered HTTP {reply.status}" + (
+                " without a response" if reply.status == 202 else ""
+            )
+            await self._failed(call, decision, UpstreamError(why), reply.status)
+            forward.release(up, private)
+            if reply.status == 202:
+                raise UpstreamError(why)
+            ctype = reply.response.headers.get("content-type")
+            return Answer(call, decision, raw=body, status=reply.status, content_type=ctype, private=private)
+        if not reply.is_sse:
+            raw = delivered.raw if delivered.raw is not None else await reply.body()
+            forward.release(up, private)
+            try:
+                msg = json.loads(raw)
+                if not isinstance(msg, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                malformed = UpstreamError("upstream answered with malformed JSON")
+                await self._failed(call, decision, malformed, reply.status)
+                raise malformed from None
+            msg, changed = await self._complete(call, decision, msg, raw)
+            return Answer(call, decision, message=msg, raw=None if changed else raw, private=private)
+        upstream_id = private.id if private is not None else out.msg.get("id")
+        return Answer(
+            call, decision, events=self._stream(call, decision, delivered, upstream_id), private=private
+        )
+
+    async def _stream(
+        self, call: ToolCall, decision: Decision, delivered: Delivered, upstream_id: Any
+    ) -> AsyncIterator[Event]:
+        """Relay an upstream SSE stream event by event; the call's response is audited (and
+        redacted) before it is passed on. A stream that ends early records a failure."""
+        finished = False
+        up = self.upstreams[call.upstream]
+        try:
+            async for sse in delivered.events():
+                final = None
+                if not finished and (msg := response_to(sse.data, upstream_id)) is not None:
+                    finished = True
+                    forward.release(up, delivered.extra)
+                    final, _ = await self._complete(call, decision, msg, sse.data.encode())
+                yield Event(sse.data, sse.id or None, sse.event or "message", final)
+        except UpstreamError as err:
+            if not finished:
+                finished = True
+                await self._failed(call, decision, err)
+            raise
+        finally:
+            if not finished:
+                forward.release(up, delivered.extra)
+                self.later(
+                    self._failed(call, decision, UpstreamError("the stream ended before the response"))
+                )
+
+    async def _complete(
+        self, call: ToolCall, decision: Decision, msg: dict[str, Any], raw: bytes
+    ) -> tuple[dict[str, Any], bool]:
+        """Record the upstream's response to a forwarded call; returns the message the client
+        gets (redacted, or an error when the record could not be made) and whether it changed."""
+        error, result = msg.get("error"), msg.get("result")
+        status: OutcomeStatus
+        why: str | None
+        if isinstance(error, dict):
+            status, why = "failed", str(error.get("message", "upstream error"))[:500]
+        elif isinstance(result, dict) and result.get("isError") is True:
+            status, why = "failed", "the tool reported an error"
+        else:
+            status, why = "completed", None
+        metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(call.upstream_seconds())
+        if isinstance(error, dict):
+            metrics.UPSTREAM_ERRORS.labels(call.upstream, "jsonrpc").inc()
+        outcome = Outcome(status, self.elapsed_ms(call), 200, why, sha256_hex(raw))
+        audited, changed = decision, False
+        if isinstance(result, dict):
+            redacted, audited = await self.redact_result(call, decision, result)
+            if redacted is not None:
+                msg = {**msg, "result": redacted}
+                changed = True
+        try:
+            await self.finish(call, audited, outcome)
+        except AuditUnavailable as err:
+            if self.calls is not None:
+                await self.calls.complete(call.audit_id, None)
+            failed = {"code": err.jsonrpc_code, "message": err.message}
+            return {"jsonrpc": "2.0", "id": msg.get("id"), "error": failed}, True
+        if self.calls is not None and self.calls.holds(call.audit_id):
+            await self.calls.complete(call.audit_id, json.dumps(msg).encode() if changed else raw)
+        return msg, changed
+
+    async def redact_result(
+        self, call: ToolCall, decision: Decision, result: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, Decision]:
+        """The result to return instead (None: as is) and the decision to record for the call.
+
+        Redaction first; then the injection scan of what the client will see (findings taint the
+        session and are added to the recorded decision)."""
+        redacted = None
+        if self.redactor is not None:
+            redacted, decision = await self.redactor.redact_result(call, decision, result)
+        if self.taint is not None:
+            shown = result if redacted is None else redacted
+            decision = await check_result(self.taint, call, decision, shown)
+        return redacted, decision
+
+    async def _not_run(self, call: ToolCall, err: UpstreamError) -> None:
+        """Give back what a call that failed before it could run took: budget, its call_id."""
+        if not may_have_run(err):
+            await self.refund(call)
+        if self.calls is not None and surely_not_sent(err):
+            await self.calls.release(call.audit_id)
+
+    async def _failed(
+        self, call: ToolCall, decision: Decision, err: UpstreamError, upstream_status: int | None = None
+    ) -> None:
+        if self.calls is not None and self.calls.holds(call.audit_id):
+            await self.calls.complete(call.audit_id, None)  # it may have run: never again
+        status: OutcomeStatus = "timeout" if isinstance(err, UpstreamTimeout) else "failed"
+        if isinstance(err, DeadLetter):
+            status = "dead_letter"
+            upstream_status = upstream_status or err.upstream_status
+        metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(call.upstream_seconds())
+        kind = "timeout" if status == "timeout" else "http" if upstream_status else "transport"
+        if isinstance(err, CircuitOpen | DeadLetter):
+            kind = err.code
+        metrics.UPSTREAM_ERRORS.labels(call.upstream, kind).inc()
+        await self.finish(
+            call, decision, Outcome(status, self.elapsed_ms(call), upstream_status, err.message)
+        )
+
+    def _record_error(self, call: ToolCall, decision: Decision | None, exc: BaseException) -> None:
+        """Complete the record of a call that an unexpected error (or a client leaving) cut short.
+
+        Scheduled rather than awaited: the task may be cancelled, and the record must still be made."""
+        if isinstance(exc, asyncio.CancelledError):
+            why = "the client went away before the call was answered"
+        elif isinstance(exc, BastionError):
+            why = exc.message
+        else:
+            why = f"internal error: {type(exc).__name__}"
+            log.error("call %s failed inside the gateway", call.audit_id, exc_info=exc)
+        recorded = decision or Decision.deny("pipeline", "error", why)
+        call.recorded = True  # one record: a second failure on the way must not add another
+        self.later(self.finish(call, recorded, Outcome("error", self.elapsed_ms(call), None, why[:500])))
+
+    def later(self, coro: Awaitable[None]) -> None:
+        """Finish bookkeeping in the background (the response task may be being cancelled)."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except BastionError as err:
+                log.error("could not record an interrupted call: %s", err.message)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background bookkeeping (at shutdown, before the audit writer closes)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -- records --------------------------------------------------------------------------------
 
     def _record(
         self, call: ToolCall, decision: Decision, outcome: dict[str, Any], result_sha256: str | None
@@ -315,3 +680,16 @@ def _pii(call: ToolCall) -> dict[str, Any]:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def response_to(data: str, request_id: Any) -> dict[str, Any] | None:
+    """The parsed message if this SSE payload is the response to `request_id`, else None."""
+    if not data or '"id"' not in data:
+        return None
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(msg, dict) and msg.get("id") == request_id and ("result" in msg or "error" in msg):
+        return msg
+    return None

@@ -794,7 +794,7 @@ async def test_a_form_yes_to_a_url_question_approves_nothing(
     """A caller Cedar does not let approve their own call is asked in URL mode; answering it as if it
     were the form ("accept", approve: true) decides nothing, in either era. The legacy stream keeps
     itself alive while it waits and ends with the held result."""
-    from gateway.fronts import inline
+    from gateway.fronts.mcp import inline
 
     monkeypatch.setattr(inline, "KEEPALIVE_S", 0.4)
     before = len(EXECUTED)

@@ -96,7 +96,9 @@ def test_default_deny(demo: PolicyEngine) -> None:
     assert d.policy_ids == ["default-deny"]
     assert d.reasons[0].reason == "no policy permits call_tool on demo/echo"
     assert demo.decide(DEV, "call_tool", "other", "echo", {}, READ).policy_ids == ["default-deny"]
-    assert demo.decide(DEV, "get_prompt", "demo", "echo", {}, READ).policy_ids == ["default-deny"]
+    d = demo.decide(OUTSIDER, "get_prompt", "demo", "echo", {}, READ)
+    assert d.policy_ids == ["default-deny"]
+    assert d.reasons[0].reason == "no policy permits get_prompt on demo/echo"
 
 
 @pytest.mark.parametrize(
@@ -271,7 +273,8 @@ when { context.time.hour >= 9 && context.time.hour < 17 && context.time.weekday 
 when { principal has tenant && principal.tenant == "acme" && principal.roles.contains("clerk") };
 @id("direct-only") forbid(principal, action, resource) when { context.agent.depth > 1 };
 @id("no-external") forbid(principal, action, resource)
-when { resource.risk == "external" && context.risk == "external" && !resource.tags.contains("vetted") };
+when { resource is Tool && resource.risk == "external" && context.risk == "external"
+       && !resource.tags.contains("vetted") };
 """
         },
     )

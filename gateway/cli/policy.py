@@ -22,7 +22,7 @@ from gateway.call import Action, Decision, Principal, ToolCall
 from gateway.config import Config
 from gateway.errors import AuthError, ConfigError
 from gateway.policy.cases import CaseError, find_schema, run_paths
-from gateway.policy.engine import PolicyEngine
+from gateway.policy.engine import RESOURCE_TYPES, PolicyEngine
 
 __all__ = ["explain", "register"]
 
@@ -52,9 +52,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "explain", parents=[common], help="the decision for one request, with reasons, without forwarding"
     )
     e.add_argument("--token", required=True, help="the caller's bearer token (verified as the gateway would)")
-    e.add_argument("--tool", required=True, metavar="UPSTREAM/TOOL")
-    e.add_argument("--args", default="{}", metavar="JSON", help="tool arguments as JSON, or @FILE")
-    e.add_argument("--action", default="call_tool", choices=sorted(get_args(Action)))
+    target = e.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tool", metavar="UPSTREAM/TOOL")
+    target.add_argument("--resource", metavar="UPSTREAM/URI", help="a resource (action read_resource)")
+    target.add_argument("--prompt", metavar="UPSTREAM/PROMPT", help="a prompt (action get_prompt)")
+    e.add_argument("--args", default="{}", metavar="JSON", help="tool or prompt arguments as JSON, or @FILE")
+    e.add_argument(
+        "--action",
+        choices=sorted(get_args(Action)),
+        help="default: call_tool, read_resource or get_prompt, after what is named",
+    )
     e.add_argument("--json", action="store_true", help="print the explanation as JSON")
     e.set_defaults(func=cmd_explain)
 
@@ -181,20 +188,26 @@ def _policies_json(decision: Decision, engine: PolicyEngine) -> list[dict[str, A
     return out
 
 
+_KINDS = {"Tool": "tool", "Resource": "resource", "Prompt": "prompt"}
+
+
 async def explain(
     cfg: Config, token: str, upstream: str, tool: str, args: Mapping[str, Any], action: str = "call_tool"
 ) -> dict[str, Any]:
     """The full decision for one request, as JSON-able data; nothing is forwarded.
 
-    `decision` is what the pipeline answers (the stage that decided included); `policy` is the
-    policy stage's own verdict with each deciding policy, its source and obligation, so an
-    obligation the pipeline cannot honour yet is still visible.
+    `tool` names what `action` applies to: a tool, a resource's URI (`read_resource`) or a prompt
+    (`get_prompt`). `decision` is what the pipeline answers (the stage that decided included);
+    `policy` is the policy stage's own verdict with each deciding policy, its source and
+    obligation, so an obligation the pipeline cannot honour yet is still visible; `listed` says
+    whether the matching listing shows the item to this caller.
     """
     from gateway.app import Gateway
 
+    kind = _KINDS[RESOURCE_TYPES[action]]
     if upstream not in cfg.upstreams:
         known = ", ".join(sorted(cfg.upstreams)) or "none"
-        raise ConfigError(f"--tool: no upstream named {upstream!r} in the config (configured: {known})")
+        raise ConfigError(f"--{kind}: no upstream named {upstream!r} in the config (configured: {known})")
     cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"watch": False})})
     gw = Gateway(cfg)
     try:
@@ -202,7 +215,7 @@ async def explain(
         engine = gw.policy
         assert engine is not None
         out: dict[str, Any] = {
-            "request": {"action": action, "upstream": upstream, "tool": tool, "arguments": dict(args)},
+            "request": {"action": action, "upstream": upstream, kind: tool, "arguments": dict(args)},
             "policy_version": engine.version,
             "forwarded": False,
         }
@@ -239,6 +252,9 @@ async def explain(
             ),
         }
         out["errors"] = [f"{r.policy}: {r.reason}" for r in final.reasons if r.policy in _ERROR_POLICIES]
+        listing = {"tool": "call_tool", "resource": "read_resource", "prompt": "get_prompt"}[kind]
+        settings_for = (lambda name: gw.settings_for(upstream, name)) if kind == "tool" else None
+        out["listed"] = bool(engine.listable(principal, listing, upstream, [tool], settings_for))
         return out
     finally:
         await gw.stop()
@@ -248,8 +264,9 @@ def render(result: Mapping[str, Any]) -> str:
     """The explanation for a person: effect first, then why."""
     req = result["request"]
     decision = result["decision"]
+    name = next(req[k] for k in ("tool", "resource", "prompt") if k in req)
     lines = [
-        f"request:   {req['action']} {req['upstream']}/{req['tool']} {json.dumps(req['arguments'])}",
+        f"request:   {req['action']} {req['upstream']}/{name} {json.dumps(req['arguments'])}",
     ]
     p = result.get("principal")
     if p:
@@ -270,16 +287,26 @@ def render(result: Mapping[str, Any]) -> str:
             lines.append(f"  - {kind}{item['id']}{note}: {item['reason'] or '(no @reason)'}{where}")
         lines.append(f"obligations: {', '.join(policy['obligations']) or 'none'}")
     lines.append(f"errors:    {'; '.join(result['errors']) or 'none'}")
+    if "listed" in result:
+        lines.append(
+            f"listed:    {'yes' if result['listed'] else 'no'} (whether a listing shows it to this caller)"
+        )
     lines.append("not forwarded (explain never calls the upstream)")
     return "\n".join(lines)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    upstream, sep, tool = args.tool.partition("/")
-    if not sep or not upstream or not tool:
-        raise ConfigError(f"--tool: expected UPSTREAM/TOOL, got {args.tool!r}")
+    kind = next(k for k in ("tool", "resource", "prompt") if getattr(args, k) is not None)
+    value: str = getattr(args, kind)
+    upstream, sep, name = value.partition("/")
+    shape = {"tool": "UPSTREAM/TOOL", "resource": "UPSTREAM/URI", "prompt": "UPSTREAM/PROMPT"}[kind]
+    if not sep or not upstream or not name:
+        raise ConfigError(f"--{kind}: expected {shape}, got {value!r}")
+    action = args.action or {"tool": "call_tool", "resource": "read_resource", "prompt": "get_prompt"}[kind]
+    if _KINDS[RESOURCE_TYPES[action]] != kind:
+        raise ConfigError(f"--action {action} does not apply to --{kind}")
     arguments = _parse_args(args.args)
     cfg = _config(args.config)
-    result = asyncio.run(explain(cfg, args.token, upstream, tool, arguments, args.action))
+    result = asyncio.run(explain(cfg, args.token, upstream, name, arguments, action))
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0

@@ -1,8 +1,10 @@
-"""`bastion demo`: a gateway in front of a built-in demo MCP tool server, ready to try.
+"""`bastion demo`: a gateway in front of a built-in demo MCP server, ready to try.
 
-The demo upstream is a real MCP server (the SDK's `MCPServer`) on an ephemeral loopback port;
-Bastion fronts it as upstream `demo` with the example policies in `./policies`, SQLite audit
-and a dev signing key kept in `.bastion/`.
+The demo upstream is a real MCP server (the SDK's `MCPServer`) on an ephemeral loopback port,
+with tools, a resource and a prompt; Bastion fronts it as upstream `demo` with the example
+policies shipped in this package (`gateway/demo/policies`). The only thing that depends on the
+working directory is the data dir `.bastion/` created there: SQLite audit and state, and the dev
+signing key.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ POLICIES = Path(__file__).parent / "policies"
 
 
 def demo_server() -> MCPServer:
-    """A small tool server: reads, a write, an 'external' payment and a streaming tool."""
+    """A small MCP server: tools (reads, a write, an 'external' payment, a streaming one), the
+    notes as resources and a prompt, so every kind of governed MCP request can be tried."""
     srv = MCPServer("bastion-demo", instructions="Demo tools behind Bastion.")
     notes: dict[str, str] = {"welcome": "Bastion governs every tool call that crosses it."}
 
@@ -62,10 +65,32 @@ def demo_server() -> MCPServer:
             await asyncio.sleep(0.05)
         return "liftoff"
 
+    @srv.resource("notes://welcome", name="welcome", mime_type="text/plain")
+    def welcome_note() -> str:
+        """The welcome note, as a resource: reading it is governed like a tool call."""
+        return notes.get("welcome", "")
+
+    @srv.resource("notes://{name}", name="note", mime_type="text/plain")
+    def note(name: str) -> str:
+        """Any note by name (a resource template)."""
+        return notes.get(name, f"no note named {name!r}")
+
+    @srv.prompt()
+    def review_note(name: str) -> str:
+        """Ask the model to review a note; the note's text is part of the prompt."""
+        text = notes.get(name, f"(no note named {name!r})")
+        return f"Review the note {name!r} below and suggest one improvement.\n\n{text}"
+
     return srv
 
 
 def demo_config(port: int, upstream_url: str, data_dir: Path, host: str = "127.0.0.1") -> Config:
+    """The demo's config: upstream `demo`, the packaged policies, everything else in `data_dir`.
+
+    A relative `data_dir` is taken from the working directory now, once, so that nothing later
+    (database URLs, key files) depends on where the process happens to be.
+    """
+    data_dir = Path.cwd() / data_dir
     data: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(data_dir / "dev-jwks.json")}]},
@@ -84,6 +109,7 @@ def demo_config(port: int, upstream_url: str, data_dir: Path, host: str = "127.0
 
 
 def banner(cfg: Config, token: str) -> str:
+    """What `bastion demo` prints: where to connect, a ready token and calls to paste."""
     url = f"{cfg.listen.base_url}/mcp/demo"
     body = (
         '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"},'
@@ -106,11 +132,14 @@ def banner(cfg: Config, token: str) -> str:
         "  Call a tool through the gateway:\n\n"
         f"export BASTION_TOKEN={token}\n{curl}\n\n"
         "  Try a denied call too: tool 'delete_note' (admins only) or 'transfer' with amount > 1000.\n"
+        "  Resources and prompts: 'resources/read' of notes://welcome, 'prompts/get' of review_note\n"
+        '  with {"name": "welcome"} (in the call above, change Mcp-Method, Mcp-Name and the params).\n'
         f"  Audit: bastion audit export --config demo --format jsonl   (records in {cfg.data_dir}/audit.db)\n"
     )
 
 
 async def run_demo(port: int, host: str = "127.0.0.1", data_dir: Path = Path(".bastion")) -> None:
+    """Serve the demo upstream and a gateway in front of it until stopped (SIGINT/SIGTERM)."""
     upstream_sock = bind("127.0.0.1", 0)
     upstream_port = upstream_sock.getsockname()[1]
     upstream_app = demo_server().streamable_http_app(streamable_http_path="/mcp")
@@ -120,8 +149,8 @@ async def run_demo(port: int, host: str = "127.0.0.1", data_dir: Path = Path(".b
         if upstream_task.done():
             await upstream_task
         await asyncio.sleep(0.02)
-    key = ensure_dev_key(data_dir)
     cfg = demo_config(port, f"http://127.0.0.1:{upstream_port}/mcp", data_dir, host)
+    key = ensure_dev_key(cfg.data_dir)  # absolute: a relative data dir is taken from the cwd, once
     gw = Gateway(cfg)
     held = hold_stop_signals()
     try:

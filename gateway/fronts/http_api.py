@@ -25,17 +25,24 @@ from gateway.call import Decision, Outcome, Principal, ToolCall
 from gateway.errors import AuthError, BastionError, CircuitOpen, ProtocolError, UpstreamError
 from gateway.fronts.client_info import client_name
 from gateway.fronts.jsonrpc import parse_json
-from gateway.fronts.mcp.endpoint import MCPFront, _read_body
-from gateway.identity.authenticator import require_scopes
-from gateway.state.idempotency import DuplicateCall, IdempotencyUnavailable
+from gateway.fronts.wire import read_body, trace_id_of, traceparent
+from gateway.identity.authenticator import Authenticator, require_scopes
+from gateway.pipeline import Pipeline
+from gateway.state.idempotency import DuplicateCall, IdempotencyUnavailable, Previous
+from gateway.upstreams.forward import Outgoing
 
 _FIELDS = {"upstream", "tool", "arguments", "call_id"}
 
 
 class HTTPToolAPI:
-    def __init__(self, mcp: MCPFront) -> None:
-        self.mcp = mcp
-        self.pipeline = mcp.pipeline
+    def __init__(
+        self, pipeline: Pipeline, auth: Authenticator, base_url: str, max_body: int, max_depth: int
+    ) -> None:
+        self.pipeline = pipeline
+        self.auth = auth
+        self.base_url = base_url
+        self.max_body = max_body
+        self.max_depth = max_depth
 
     async def tool_calls(self, request: Request) -> Response:
         return await self._handle(request, forward=True)
@@ -45,24 +52,21 @@ class HTTPToolAPI:
 
     async def _handle(self, request: Request, forward: bool) -> Response:
         try:
-            body = await _read_body(request, self.mcp.max_body)
-            upstream, tool, arguments, call_id = _parse(body, self.mcp.max_depth)
+            body = await read_body(request, self.max_body)
+            upstream, tool, arguments, call_id = _parse(body, self.max_depth)
             client = client_name(request.headers)
         except BastionError as err:
             return JSONResponse(err.to_json(), err.http_status)
         call = ToolCall(upstream, tool, arguments, protocol="http", call_id=call_id, client=client)
-        if trace := request.headers.get("traceparent"):
-            parts = trace.split("-")
-            if len(parts) == 4 and len(parts[1]) == 32:
-                call.trace_id = parts[1]
+        call.trace_id = trace_id_of(request) or call.trace_id
         try:
             call.principal = await self._authenticate(request, call)
         except AuthError as err:
             await self.pipeline.refuse(call, "identity", err.error, err.message)
-            meta = f"{self.mcp.base_url}/.well-known/oauth-protected-resource"
-            headers = {"www-authenticate": self.mcp.auth.www_authenticate(meta, err)}
+            meta = f"{self.base_url}/.well-known/oauth-protected-resource"
+            headers = {"www-authenticate": self.auth.www_authenticate(meta, err)}
             return JSONResponse(err.to_json() | {"audit_id": call.audit_id}, err.http_status, headers=headers)
-        if upstream not in self.mcp.upstreams:
+        if upstream not in self.pipeline.upstreams:
             await self.pipeline.refuse(
                 call, "protocol", "unknown-upstream", f"no upstream named {upstream!r}"
             )
@@ -76,31 +80,42 @@ class HTTPToolAPI:
             )
         if not forward:
             return await self._decide_only(call)
-        decision = await self.pipeline.admit(call)
-        if not decision.allowed:
-            return _denied(decision, call.audit_id, self.mcp.approval_of(call, decision))
+        msg = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments},
+        }
+        out = Outgoing(msg, None, True, call.principal.key, trace=traceparent(call.trace_id))
         try:
-            answer = await self.mcp.call_once(call, decision)
-        except DuplicateCall as dup:
-            return _repeat(dup, decision, call.audit_id)
+            answer = await self.pipeline.run(call, out, call_id)
+            if answer.refused:
+                return _denied(
+                    answer.decision, call.audit_id, self.pipeline.approval_of(call, answer.decision)
+                )
+            if answer.previous is not None:
+                return _repeat(answer.previous, answer.decision, call.audit_id)
+            if answer.status >= 400:
+                raise UpstreamError(f"upstream answered HTTP {answer.status}")
+            reply = await answer.whole()
         except IdempotencyUnavailable as err:
             return JSONResponse({**err.to_json(), "audit_id": call.audit_id}, err.http_status)
         except UpstreamError as err:
-            failed = {"decision": decision.effect, "error": err.to_json(), "audit_id": call.audit_id}
+            failed = {"decision": "allow", "error": err.to_json(), "audit_id": call.audit_id}
             wait = None
             if isinstance(err, CircuitOpen):
                 wait = {"retry-after": str(max(1, round(err.retry_after_s)))}
             return JSONResponse(failed, err.http_status, headers=wait)
-        if "error" in answer:
-            failed = {"decision": decision.effect, "error": answer["error"], "audit_id": call.audit_id}
+        if "error" in reply:
+            failed = {"decision": answer.decision.effect, "error": reply["error"], "audit_id": call.audit_id}
             return JSONResponse(failed, 502)
         return JSONResponse(
-            {"decision": decision.effect, "result": answer.get("result"), "audit_id": call.audit_id}
+            {"decision": answer.decision.effect, "result": reply.get("result"), "audit_id": call.audit_id}
         )
 
     async def _authenticate(self, request: Request, call: ToolCall) -> Principal:
-        principal = await self.mcp.auth.authenticate(request.headers.get("authorization"), call.upstream)
-        up = self.mcp.upstreams.get(call.upstream)
+        principal = await self.auth.authenticate(request.headers.get("authorization"), call.upstream)
+        up = self.pipeline.upstreams.get(call.upstream)
         if up is not None:
             require_scopes(principal, up.cfg.required_scopes)
         return principal
@@ -142,9 +157,8 @@ def _parse(body: bytes, max_depth: int) -> tuple[str, str, dict[str, Any], str |
     return upstream, tool, arguments, call_id
 
 
-def _repeat(dup: DuplicateCall, decision: Decision, audit_id: str) -> Response:
+def _repeat(first: Previous, decision: Decision, audit_id: str) -> Response:
     """A repeated call_id: the first call's result when it was kept (200), else 409 naming it."""
-    first = dup.previous
     if first.same_call and first.response is not None:
         try:
             kept = json.loads(first.response)
@@ -159,6 +173,7 @@ def _repeat(dup: DuplicateCall, decision: Decision, audit_id: str) -> Response:
                     "duplicate_of": first.audit_id,
                 }
             )
+    dup = DuplicateCall(first.message, first)
     body = {**dup.to_json(), "duplicate_of": first.audit_id, "audit_id": audit_id}
     return JSONResponse(body, dup.http_status)
 

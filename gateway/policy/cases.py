@@ -2,19 +2,20 @@
 
 Policies are data, so they get tests like code (`opa test`, Cedar's corpus tests). A case file
 names the policy set it tests (by default the directory that holds its `tests/` folder), the
-tools it talks about (their risk, tags and input schema, since those shape `context.args` and
-the resource) and a list of cases: who, which tool, which arguments, which agent chain, when,
-and the expected effect and deciding policies. Cases run against the real engine, offline: no
-gateway, upstream or identity provider is needed. See docs/policy.md for the format.
+tools and prompts it talks about (a tool's risk, tags and input schema, a prompt's argument
+names, since those shape `context.args` and the resource) and a list of cases: who, which tool,
+resource or prompt, which arguments, which agent chain, when, and the expected effect and
+deciding policies, or whether a listing shows the item. Cases run against the real engine,
+offline: no gateway, upstream or identity provider is needed. See docs/policy.md for the format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, Literal, cast, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -22,7 +23,7 @@ import yaml
 from gateway.call import Action, Decision, Effect, Principal
 from gateway.config import PolicyConfig, ToolSettings
 from gateway.errors import ConfigError
-from gateway.policy.engine import PolicyEngine
+from gateway.policy.engine import RESOURCE_TYPES, PolicyEngine
 
 __all__ = [
     "DEFAULT_TIME",
@@ -42,11 +43,21 @@ depend on when the tests run."""
 
 _EFFECTS = frozenset(get_args(Effect))
 _ACTIONS = frozenset(get_args(Action))
-_SUITE_KEYS = frozenset({"policies", "schema", "entities", "timezone", "tools", "principals", "cases"})
-_CASE_KEYS = frozenset(
-    {"name", "principal", "agent", "action", "tool", "args", "time", "expect", "policies", "reason"}
-    | {"session"}
+_SUITE_KEYS = frozenset(
+    {"policies", "schema", "entities", "timezone", "tools", "prompts", "principals", "cases"}
 )
+_CASE_KEYS = frozenset(
+    {"name", "principal", "agent", "action", "tool", "resource", "prompt", "args", "time", "expect"}
+    | {"policies", "reason", "session"}
+)
+_KINDS: dict[str, tuple[str, str]] = {
+    "tool": ("Tool", "call_tool"),
+    "resource": ("Resource", "read_resource"),
+    "prompt": ("Prompt", "get_prompt"),
+}
+"""Each case key naming what is asked for: its Cedar resource type and its default (call) action."""
+_LISTING = frozenset({"listed", "hidden"})
+_PROMPT_KEYS = frozenset({"arguments"})
 _PRINCIPAL_KEYS = frozenset({"sub", "groups", "roles", "tenant", "email", "claims"})
 _AGENT_KEYS = frozenset({"id", "chain", "scopes"})
 _TOOL_KEYS = frozenset({"risk", "tags", "input_schema"})
@@ -64,13 +75,15 @@ class Case:
     action: str
     upstream: str
     tool: str
+    """The tool's name, the resource's URI or the prompt's name (see `kind`)."""
     args: Mapping[str, Any]
     settings: ToolSettings
     time: datetime
-    expect: Effect
+    expect: Effect | Literal["listed", "hidden"]
     policies: frozenset[str] | None
     reason: str | None
     session_tainted: bool = False
+    kind: Literal["tool", "resource", "prompt"] = "tool"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,27 +92,30 @@ class Suite:
     policy: PolicyConfig
     tool_schemas: Mapping[str, Mapping[str, Any]]
     cases: tuple[Case, ...]
+    prompt_arguments: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class CaseResult:
     suite: Path
     case: Case
-    decision: Decision
+    decision: Decision | None
+    """The decision, for a case that expects an effect (None for `listed`/`hidden`)."""
     problems: tuple[str, ...] = field(default=())
+    listed: bool | None = None
+    """Whether the listing shows the item, for a case that expects `listed`/`hidden`."""
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def describe(self) -> str:
+        where = f"{self.suite}:{self.case.line}: case {self.case.name!r}: " + ", ".join(self.problems)
+        if self.decision is None:
+            return where + f" (got {'listed' if self.listed else 'hidden'})"
         got = f"{self.decision.effect} {self.decision.policy_ids}"
         reasons = "; ".join(f"{r.policy}: {r.reason}" for r in self.decision.reasons)
-        return (
-            f"{self.suite}:{self.case.line}: case {self.case.name!r}: "
-            + ", ".join(self.problems)
-            + f" (got {got}; reasons: {reasons or 'none'})"
-        )
+        return where + f" (got {got}; reasons: {reasons or 'none'})"
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -283,6 +299,19 @@ def load_suite(path: Path) -> Suite:
             raise CaseError(f"{where}: {exc}") from exc
         schemas[key] = spec.get("input_schema") or {}
 
+    prompts = data.get("prompts") or {}
+    if not isinstance(prompts, Mapping):
+        raise CaseError(f"{at(data)}: prompts must map UPSTREAM/PROMPT to {{arguments: [names]}}")
+    prompt_arguments: dict[str, tuple[str, ...]] = {}
+    for key, spec in prompts.items():
+        if not isinstance(key, str) or key.count("/") != 1:
+            raise CaseError(f"{at(prompts)}: prompt {key!r} must be written UPSTREAM/PROMPT")
+        spec = spec or {}
+        if not isinstance(spec, Mapping):
+            raise CaseError(f"{at(prompts)}: prompts.{key}: expected a mapping")
+        _unknown(spec, _PROMPT_KEYS, f"{at(spec)}: prompts.{key}")
+        prompt_arguments[key] = tuple(_strings(spec.get("arguments"), f"{at(spec)}: prompts.{key}.arguments"))
+
     named = data.get("principals") or {}
     if not isinstance(named, Mapping):
         raise CaseError(f"{at(data)}: principals must map names to principals")
@@ -297,15 +326,26 @@ def load_suite(path: Path) -> Suite:
         where = at(raw)
         _unknown(raw, _CASE_KEYS, where)
         name = str(raw.get("name") or f"case {i + 1}")
-        tool = raw.get("tool")
-        if not isinstance(tool, str) or tool.count("/") != 1:
-            raise CaseError(f"{where}: tool must be written UPSTREAM/TOOL")
-        action = raw.get("action", "call_tool")
+        kind, upstream, item = _target(raw, where)
+        rtype, call_action = _KINDS[kind]
+        action = raw.get("action", call_action)
         if action not in _ACTIONS:
             raise CaseError(f"{where}: action must be one of {', '.join(sorted(_ACTIONS))}")
+        if RESOURCE_TYPES.get(action) != rtype:
+            raise CaseError(
+                f"{where}: action {action} does not apply to a {kind} (its resource is not {rtype})"
+            )
         expect = raw.get("expect")
-        if expect not in _EFFECTS:
-            raise CaseError(f"{where}: expect must be one of {', '.join(sorted(_EFFECTS))}")
+        if expect not in _EFFECTS | _LISTING:
+            raise CaseError(f"{where}: expect must be one of {', '.join(sorted(_EFFECTS | _LISTING))}")
+        if expect in _LISTING:
+            if action != call_action:
+                raise CaseError(f"{where}: expect: {expect} checks the listing, derived from {call_action}")
+            extra = sorted({"args", "policies", "reason"} & set(raw))
+            if extra:
+                raise CaseError(
+                    f"{where}: {extra[0]} does not apply to expect: {expect} (a listing has no arguments)"
+                )
         args = raw.get("args") or {}
         if not isinstance(args, Mapping):
             raise CaseError(f"{where}: args must be a mapping")
@@ -315,7 +355,7 @@ def load_suite(path: Path) -> Suite:
             raise CaseError(f"{where}: session must be a mapping with `tainted: true|false`")
         if not isinstance(session.get("tainted", False), bool):
             raise CaseError(f"{where}: session.tainted must be true or false")
-        upstream, _, tool_name = tool.partition("/")
+        key = f"{upstream}/{item}"
         cases.append(
             Case(
                 name=name,
@@ -323,9 +363,9 @@ def load_suite(path: Path) -> Suite:
                 principal=_principal(raw.get("principal"), raw.get("agent"), named, where),
                 action=action,
                 upstream=upstream,
-                tool=tool_name,
+                tool=item,
                 args=args,
-                settings=settings.get(tool, ToolSettings()),
+                settings=settings.get(key, ToolSettings()) if kind == "tool" else ToolSettings(),
                 time=_time(raw["time"], tz, where) if "time" in raw else reference,
                 expect=cast(Effect, expect),
                 policies=(
@@ -333,16 +373,50 @@ def load_suite(path: Path) -> Suite:
                 ),
                 reason=str(reason) if reason is not None else None,
                 session_tainted=bool(session.get("tainted", False)),
+                kind=kind,
             )
         )
-    return Suite(path, policy, schemas, tuple(cases))
+    return Suite(path, policy, schemas, tuple(cases), prompt_arguments)
+
+
+def _target(raw: Mapping[str, Any], where: str) -> tuple[Literal["tool", "resource", "prompt"], str, str]:
+    """Which of `tool`, `resource`, `prompt` the case names, split into upstream and name."""
+    given = [k for k in ("tool", "resource", "prompt") if k in raw]
+    if len(given) != 1:
+        raise CaseError(
+            f"{where}: name exactly one of tool: UPSTREAM/TOOL, resource: UPSTREAM/URI, "
+            "prompt: UPSTREAM/PROMPT"
+        )
+    kind = cast(Literal["tool", "resource", "prompt"], given[0])
+    value = raw[kind]
+    upstream, _, name = value.partition("/") if isinstance(value, str) else ("", "", "")
+    if not upstream or not name or (kind == "tool" and "/" in name):
+        shape = {"tool": "UPSTREAM/TOOL", "resource": "UPSTREAM/URI", "prompt": "UPSTREAM/PROMPT"}[kind]
+        raise CaseError(f"{where}: {kind} must be written {shape}")
+    return kind, upstream, name
 
 
 def run_suite(suite: Suite) -> list[CaseResult]:
     """Every case of `suite` against a freshly loaded engine; ConfigError if the set does not load."""
-    engine = PolicyEngine.load(suite.policy, suite.tool_schemas)
+    engine = PolicyEngine.load(suite.policy, suite.tool_schemas, prompt_arguments=suite.prompt_arguments)
     results = []
     for case in suite.cases:
+        if case.expect in _LISTING:
+            listed = bool(
+                engine.listable(
+                    case.principal,
+                    case.action,
+                    case.upstream,
+                    [case.tool],
+                    _always(case.settings),
+                    now=case.time,
+                    session_tainted=case.session_tainted,
+                )
+            )
+            wrong = listed != (case.expect == "listed")
+            missing = (f"expected {case.expect} in the {case.kind}s listing",) if wrong else ()
+            results.append(CaseResult(suite.path, case, None, missing, listed))
+            continue
         decision = engine.decide(
             case.principal,
             case.action,
@@ -353,7 +427,7 @@ def run_suite(suite: Suite) -> list[CaseResult]:
             now=case.time,
             session_tainted=case.session_tainted,
         )
-        problems = []
+        problems: list[str] = []
         if decision.effect != case.expect:
             problems.append(f"expected {case.expect}")
         if case.policies is not None and set(decision.policy_ids) != case.policies:
@@ -362,6 +436,10 @@ def run_suite(suite: Suite) -> list[CaseResult]:
             problems.append(f"expected a reason containing {case.reason!r}")
         results.append(CaseResult(suite.path, case, decision, tuple(problems)))
     return results
+
+
+def _always(settings: ToolSettings) -> Callable[[str], ToolSettings]:
+    return lambda _name: settings
 
 
 def run_paths(paths: Iterable[Path]) -> tuple[list[CaseResult], list[str]]:

@@ -23,6 +23,7 @@ __all__ = [
     "CedarType",
     "arg_types_from_input_schema",
     "args_type_from_input_schemas",
+    "cedar_string",
     "merge_arg_types",
     "render_record",
     "sanitize_args",
@@ -315,7 +316,8 @@ def merge_arg_types(types: list[CedarType | None]) -> CedarType | None:
     return merged or None
 
 
-def _cedar_string(text: str) -> str:
+def cedar_string(text: str) -> str:
+    """`text` as a Cedar string literal, quotes included."""
     out = []
     for ch in text:
         if ch in '"\\':
@@ -346,7 +348,7 @@ def render_record(record: Mapping[str, CedarType], indent: int = 0) -> str:
     if not record:
         return "{}"
     pad = "  " * (indent + 1)
-    lines = [f"{pad}{_cedar_string(name)}?: {_render(t, indent + 1)}" for name, t in sorted(record.items())]
+    lines = [f"{pad}{cedar_string(name)}?: {_render(t, indent + 1)}" for name, t in sorted(record.items())]
     return "{\n" + ",\n".join(lines) + "\n" + "  " * indent + "}"
 
 

@@ -148,8 +148,8 @@ class BudgetStage:
         return out
 
     async def __call__(self, call: ToolCall) -> Decision | None:
-        if call.principal is None or not self.rules:
-            return None
+        if call.principal is None or not self.rules or call.action != "call_tool":
+            return None  # budgets count tool calls (docs/budgets.md)
         now = time.time()
         try:
             charges = self.charges(call, now)

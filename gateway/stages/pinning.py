@@ -27,6 +27,8 @@ class PinningStage:
         self._recheck = recheck
 
     async def __call__(self, call: ToolCall) -> Decision | None:
+        if call.action != "call_tool":
+            return None  # pins are tool definitions; resources and prompts have none
         try:
             pin = await self._pins.get(call.upstream, call.tool)
             if pin is None:

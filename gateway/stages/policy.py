@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.call import Action, Decision, ToolCall
+from gateway.call import Action, Decision, Principal, ToolCall
 from gateway.config import ToolSettings
 from gateway.policy.engine import PolicyEngine
 
@@ -47,6 +47,25 @@ class PolicyStage:
         if call.principal is None:
             return False
         return self._decide(self._engine(), call, "approve_own", None).effect == "allow"
+
+    def listable(
+        self,
+        principal: Principal,
+        action: Action,
+        upstream: str,
+        names: list[str],
+        tainted: bool,
+        templates: bool,
+    ) -> set[str]:
+        """The names a listing shows: those on which `action` can be allowed for some arguments
+        (`templates`: URI templates, any resource they can expand to)."""
+        engine = self._engine()
+        if templates:
+            return engine.listable_templates(principal, upstream, names, session_tainted=tainted)
+        settings = self._settings
+        return engine.listable(
+            principal, action, upstream, names, lambda n: settings(upstream, n), session_tainted=tainted
+        )
 
     def _decide(
         self, engine: PolicyEngine, call: ToolCall, action: Action, budget: dict[str, Any] | None

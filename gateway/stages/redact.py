@@ -28,7 +28,7 @@ from typing import Any
 from presidio_anonymizer import AnonymizerEngine
 from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
-from gateway.call import Decision, Reason, ToolCall
+from gateway.call import RESULT_FIELDS, Decision, Reason, ToolCall
 from gateway.config import DirectionRule, RedactionAction, RedactionConfig
 from gateway.redaction.engine import Scanner, build_scanner
 from gateway.redaction.walk import Hit, Scan, apply, leaves, rebuild, scan_json
@@ -174,7 +174,7 @@ class Redactor:
             actions = actions.forced()
         if actions.inactive:
             return None, decision
-        body = {k: result[k] for k in ("content", "structuredContent") if k in result}
+        body = {k: result[k] for k in RESULT_FIELDS if k in result}
         try:
             scan = await self._scan(body)
         except Exception as exc:

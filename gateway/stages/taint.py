@@ -29,7 +29,7 @@ from sqlalchemy import Column, String, Table, Text, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.call import Decision, Principal, Reason, ToolCall
+from gateway.call import RESULT_FIELDS, Decision, Principal, Reason, ToolCall
 from gateway.redaction.injection import Finding, scan_text
 from gateway.state.db import metadata
 
@@ -78,7 +78,7 @@ def scan_result(result: dict[str, Any]) -> list[Finding]:
     """Injection findings in a tool result's text, structured content and embedded resources."""
     found: list[Finding] = []
     budget = SCAN_LIMIT
-    for where, text in _strings({k: result.get(k) for k in ("content", "structuredContent")}, "result"):
+    for where, text in _strings({k: result[k] for k in RESULT_FIELDS if k in result}, "result"):
         if budget <= 0:
             break
         budget -= len(text)

@@ -60,6 +60,8 @@ class StdioUpstream:
         self._stderr: asyncio.Task[None] | None = None
         self._idle: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._private_of: dict[str, str] = {}
+        """The id a request was sent with -> the private id the process knows it by, while in flight."""
         self._init_result: dict[str, Any] | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
@@ -105,11 +107,23 @@ class StdioUpstream:
                 json.dumps({"jsonrpc": "2.0", "id": msg.get("id"), "result": self._init_result}).encode()
             )
         if "id" not in msg or method is None:
-            if method is not None and method != "notifications/initialized":
+            if method == "notifications/cancelled":
+                msg = self._cancellation(msg)
+            if msg is not None and method is not None and method != "notifications/initialized":
                 await self._write(msg)
             return _json_reply(b"", 202)
         answer = await self._request(msg)
         return _json_reply(json.dumps(answer, separators=(",", ":")).encode())
+
+    def _cancellation(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """A cancellation names the request by the id the front sent; the server knows it by the
+        private id it was written with. One for no request in flight here is dropped."""
+        params = msg.get("params")
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        private = self._private_of.get(str(request_id)) if request_id is not None else None
+        if private is None:
+            return None
+        return {**msg, "params": {**params, "requestId": private}}  # type: ignore[dict-item]
 
     async def list_tools(self) -> list[dict[str, Any]]:
         await self._ensure()
@@ -243,6 +257,8 @@ class StdioUpstream:
         private = f"b{next(self._ids)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[private] = fut
+        given = str(msg.get("id"))
+        self._private_of[given] = private
         try:
             await self._write({**msg, "id": private})
             answer = await asyncio.wait_for(fut, self.cfg.timeout_s)
@@ -252,6 +268,8 @@ class StdioUpstream:
             ) from exc
         finally:
             self._pending.pop(private, None)
+            if self._private_of.get(given) == private:
+                del self._private_of[given]
         return {**answer, "id": msg.get("id")}
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -98,11 +99,16 @@ async def first_message(reply: Reply) -> dict[str, Any]:
 
 @dataclass
 class SharedSession:
-    """A legacy upstream session shared by stateless (2026-07-28) clients."""
+    """A legacy upstream session shared by several clients (stateless ones; every client of a
+    stdio or plain-HTTP upstream), and who owns what on it (see `gateway.upstreams.forward`)."""
 
     id: str | None = None
     version: str = LEGACY_VERSION
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inflight: OrderedDict[tuple[str, str], str] = field(default_factory=OrderedDict)
+    """(owner, client request id) -> the private id its request travels under, until answered."""
+    server_requests: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    """Id of a server-to-client request relayed to a client -> that client (the only one that may answer)."""
 
 
 class StreamableHTTPUpstream:

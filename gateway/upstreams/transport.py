@@ -18,12 +18,20 @@ Contract:
   `httpx.ConnectError` / `ConnectTimeout` mean the request was never sent.
 - At most `max_connections` requests are in flight (others wait up to the pool timeout), at
   most `max_keepalive_connections` connections are kept idle, each for `keepalive_expiry`.
+- A request h11 would refuse to write raises `httpx.LocalProtocolError` (as httpx's own transport
+  does) before a connection is taken or a byte written: the method must be a token, the target
+  visible ASCII, exactly one Host, header names tokens, values without CR, LF, NUL or leading or
+  trailing whitespace. Header values are held to a stricter rule than h11's, on purpose: visible
+  ASCII, spaces and tabs only, so no other control character (h11 lets \x01 or DEL through) and
+  no byte above 0x7F (h11 passes obs-text on), which upstreams decode in different ways.
+  `header_name_ok` / `header_value_ok` apply the same rules to values before headers are built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +43,125 @@ import httpx
 READ_SIZE = 65536
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 _Origin = tuple[str, int]
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]++"
+_VALUE = rb"(?:[!-~]++(?:[ \t]++[!-~]++)*+)?+"
+_TARGET = rb"[!-~]++"
+_HEAD = re.compile(
+    _TOKEN + b" " + _TARGET + rb" HTTP/1\.1\r\n(?:" + _TOKEN + b": " + _VALUE + rb"\r\n)*+\r\n"
+)
+"""A whole request head as `_encode` lays it out, every part valid; see `_encode` for why one
+match over the head (with a count of its lines) checks each part."""
+_NAME_RE = re.compile(_TOKEN)
+_VALUE_RE = re.compile(_VALUE)
+_TARGET_RE = re.compile(_TARGET)
+_NAME_STR = re.compile(_TOKEN.decode())
+_VALUE_STR = re.compile(_VALUE.decode())
+_NOT_TOKEN = re.compile(rb"[^-!#$%&'*+.^_`|~0-9A-Za-z]")
+_NOT_VALUE = re.compile(rb"[^\t -~]")
+_NOT_TARGET = re.compile(rb"[^!-~]")
+_NAMED = {0x00: "NUL", 0x09: "HTAB", 0x0A: "LF", 0x0D: "CR", 0x20: "a space", 0x7F: "DEL"}
+
+
+def header_name_ok(name: str) -> bool:
+    """Whether `name` can be sent as a header name: an RFC 9110 token."""
+    return _NAME_STR.fullmatch(name) is not None
+
+
+def header_value_ok(value: str) -> bool:
+    """Whether `value` can be sent as a header value by `LeanTransport`: visible ASCII, with spaces
+    and tabs only between visible characters (no CR, LF, NUL, other controls or non-ASCII)."""
+    return _VALUE_STR.fullmatch(value) is not None
+
+
+def _encode(request: httpx.Request, body: bytes) -> bytes:
+    """The request head, or `httpx.LocalProtocolError` if any part of it is not safe to write.
+
+    One match of `_HEAD` over the joined head, plus a count of its LFs, stands for a check of every
+    part (a few microseconds cheaper per request than a match per name and value): the count
+    shows no part holds an LF, so each part sits inside the line `_encode` put it on, and `_HEAD`
+    refuses CR anywhere but before an LF. On a line `name: value` whose name has no colon the
+    token must end where the name does, so the name is a token and the value a valid value.
+    """
+    method = request.method.encode()
+    head = [method, b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    lines = 2
+    hosts = 0
+    for name, value in request.headers.raw:
+        lname = name.lower()
+        if lname in (b"content-length", b"transfer-encoding"):
+            continue
+        if lname == b"host":
+            hosts += 1
+        if b":" in name:
+            raise _refusal(request)
+        head += (name, b": ", value, b"\r\n")
+        lines += 1
+    if body or request.method not in ("GET", "DELETE", "OPTIONS"):
+        head += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
+        lines += 1
+    head.append(b"\r\n")
+    data = b"".join(head)
+    if hosts != 1 or _HEAD.fullmatch(data) is None or data.count(b"\n") != lines:
+        raise _refusal(request)
+    return data
+
+
+def _refusal(request: httpx.Request) -> httpx.LocalProtocolError:
+    """Which part of a refused request head is wrong, and why, without echoing it whole."""
+    method = request.method.encode()
+    if _NAME_RE.fullmatch(method) is None:
+        return httpx.LocalProtocolError(
+            f"the HTTP method {_clip(method)} is not a token: it {_flaw(method, _NOT_TOKEN)}"
+        )
+    target = request.url.raw_path
+    if _TARGET_RE.fullmatch(target) is None:
+        return httpx.LocalProtocolError(f"the request target {_clip(target)} {_flaw(target, _NOT_TARGET)}")
+    hosts = 0
+    for name, value in request.headers.raw:
+        lname = name.lower()
+        if lname in (b"content-length", b"transfer-encoding"):
+            continue
+        if lname == b"host":
+            hosts += 1
+        if _NAME_RE.fullmatch(name) is None:
+            return httpx.LocalProtocolError(
+                f"the header name {_clip(name)} is not a token: it {_flaw(name, _NOT_TOKEN)}"
+            )
+        if _VALUE_RE.fullmatch(value) is None:
+            return httpx.LocalProtocolError(
+                f"the value of header {_clip(name)} {_flaw(value, _NOT_VALUE)}: {_clip(value)}"
+            )
+    if hosts != 1:
+        return httpx.LocalProtocolError(f"a request needs exactly one Host header, not {hosts}")
+    return httpx.LocalProtocolError("the request head is malformed")
+
+
+def _flaw(part: bytes, outside: re.Pattern[bytes]) -> str:
+    """What is wrong with `part`: the first byte `outside` finds in it, or its shape."""
+    if not part:
+        return "is empty"
+    bad = outside.search(part)
+    if bad is not None:
+        byte = part[bad.start()]
+        what = _NAMED.get(byte) or (
+            f"control character 0x{byte:02x}"
+            if byte < 0x20
+            else f"non-ASCII byte 0x{byte:02x}"
+            if byte > 0x7F
+            else repr(chr(byte))
+        )
+        return f"holds {what} at offset {bad.start()}"
+    if part[:1] in b" \t":
+        return "starts with whitespace"
+    if part[-1:] in b" \t":
+        return "ends with whitespace"
+    return "holds whitespace"
+
+
+def _clip(part: bytes, limit: int = 32) -> str:
+    """`part` quoted, cut at `limit` bytes, every control or non-ASCII byte escaped."""
+    return ascii(part[:limit].decode("latin-1")) + ("..." if len(part) > limit else "")
 
 
 class _Connection:
@@ -188,13 +315,15 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise RuntimeError("the transport is closed")
         timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
         origin = (url.host, url.port or 80)
+        body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        head = _encode(request, body)
         await self._admit(timeouts.get("pool"))
         conn: _Connection | None = None
         try:
             conn = self._take_idle(origin)
             if conn is None:
                 conn = await self._connect(origin, timeouts.get("connect"))
-            await self._send(conn, request, timeouts.get("write"))
+            await self._send(conn, head + body, timeouts.get("write"))
             exchange = _Exchange(self, conn, timeouts.get("read"))
             await exchange.read_head()
         except BaseException:
@@ -262,20 +391,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self.connections_opened += 1
         return _Connection(origin, reader, writer)
 
-    async def _send(self, conn: _Connection, request: httpx.Request, write_timeout: float | None) -> None:
-        body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
-        head = [request.method.encode(), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            lname = name.lower()
-            if lname in (b"content-length", b"transfer-encoding"):
-                continue
-            head += (name, b": ", value, b"\r\n")
-        if body or request.method not in ("GET", "DELETE", "OPTIONS"):
-            head += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
-        head.append(b"\r\n")
+    async def _send(self, conn: _Connection, data: bytes, write_timeout: float | None) -> None:
         writer = conn.writer
         try:
-            writer.write(b"".join(head) + body)
+            writer.write(data)
             if writer.transport.get_write_buffer_size():
                 async with asyncio.timeout(write_timeout):
                     await writer.drain()

@@ -4,12 +4,15 @@ Two servers exposing a tool of the same name cannot shadow each other here: ever
 its upstream's name (the separator is `mcp.namespace_separator`, which no upstream name may
 contain). `tools/list` is the union of what the caller may use on each upstream, exactly as
 `/mcp/<upstream>` would list it (token audience and required scopes of that upstream, pinning,
-Cedar `list_tools`); `tools/call` is routed to its upstream under the tool's own name and
-governed by the same pipeline, so audit records and policies see `Tool::"<upstream>/<tool>"`.
+a tool listed iff calling it can be allowed); `tools/call` is routed to its upstream under the
+tool's own name and governed by the same pipeline, so audit records and policies see
+`Tool::"<upstream>/<tool>"`.
 
 Bastion is the MCP server here: it answers `initialize` (legacy clients, with a signed session
 id of its own), `server/discover` (2026-07-28 clients), `ping` and notifications itself. Only
-tools are served; resources, prompts, completions and server streams need `/mcp/<upstream>`.
+tools are served: resources, prompts, completions and server streams need `/mcp/<upstream>`,
+and any other method is refused and recorded. A cancellation goes to the upstream where the
+sender's own request is in flight, and nowhere else.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from starlette.responses import Response
 
 from gateway import metrics
 from gateway.call import Principal, ToolCall
-from gateway.errors import AuthError, BastionError, ForbiddenError, SessionError
+from gateway.errors import AuthError, BastionError, ProtocolError, SessionError
 from gateway.fronts import jsonrpc
-from gateway.fronts.mcp.endpoint import Exchange, MCPFront, _call_id, _read_body, _trace_id
+from gateway.fronts.mcp.endpoint import MCPFront
 from gateway.fronts.mcp.eras import HANDSHAKE_VERSIONS, MODERN_VERSIONS, check_modern_headers
+from gateway.fronts.mcp.exchange import Exchange, call_id_of
 from gateway.fronts.mcp.inline import elicitation_modes, modern_elicitation
+from gateway.fronts.wire import read_body, trace_id_of
 from gateway.identity.authenticator import require_scopes
+from gateway.upstreams import forward
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.streamable_http import LEGACY_VERSION, MODERN_VERSION
 
@@ -50,29 +56,47 @@ class AggregateFront:
         front = self.front
         msg_id: Any = None
         try:
-            origin = request.headers.get("origin")
-            if origin is not None and origin.rstrip("/") not in front.origins:
-                raise ForbiddenError(f"origin {origin[:100]!r} is not allowed")
+            front.check_origin(request)
             if request.method == "GET":
                 why = "no server stream on /mcp: use /mcp/<upstream> for notifications"
                 return Response(jsonrpc.error(None, -32000, why), 405, headers={"allow": "POST, DELETE"})
             principal = await front.auth.authenticate(request.headers.get("authorization"), None)
             if request.method == "DELETE":
                 return await self._delete(request, principal)
-            body = await _read_body(request, front.max_body)
-            msg = jsonrpc.parse(body, front.max_depth)
+            body = await read_body(request, front.max_body)
+            try:
+                msg = jsonrpc.parse(body, front.max_depth)
+            except ProtocolError as err:
+                await self._refuse(request, principal, "(unparsed)", None, "malformed-message", err.message)
+                raise
             msg_id = msg.get("id")
             response = await self._post(request, principal, msg, body)
-        except AuthError as err:
-            metrics.AUTH_FAILURES.inc()
-            response = front._error(err, msg_id)
-            shown = err if "authorization" in request.headers else None
-            meta = f"{front.base_url}/.well-known/oauth-protected-resource"
-            response.headers["www-authenticate"] = front.auth.www_authenticate(meta, shown)
-        except BastionError as err:
-            response = front._error(err, msg_id)
+        except BaseException as exc:
+            response = front.error(request, exc, msg_id, "/mcp")
         metrics.REQUESTS.labels(request.method, str(response.status_code)).inc()
         return response
+
+    async def _refuse(
+        self,
+        request: Request,
+        principal: Principal,
+        what: str,
+        msg: dict[str, Any] | None,
+        policy: str,
+        why: str,
+    ) -> str:
+        """Record a refused message on `/mcp`; returns its audit id."""
+        call = ToolCall(
+            AGGREGATE,
+            what[:200],
+            {},
+            action="message",
+            principal=principal,
+            call_id=call_id_of(msg) if msg else None,
+        )
+        call.trace_id = trace_id_of(request) or call.trace_id
+        await self.front.pipeline.refuse(call, "protocol", policy, why)
+        return call.audit_id
 
     async def _delete(self, request: Request, principal: Principal) -> Response:
         session_id = request.headers.get("mcp-session-id")
@@ -103,9 +127,15 @@ class AggregateFront:
             raise SessionError("missing Mcp-Session-Id: send initialize first, or speak 2026-07-28", 400)
         echo = {"mcp-session-id": session_id} if session_id else {}
         if method is None:
-            await self.front.inline.answer(msg, principal)  # Bastion's own elicitation, if it is one
-            return Response(status_code=202)
-        if method.startswith("notifications/"):
+            if await self.front.inline.answer(msg, principal):  # Bastion's own elicitation
+                return Response(status_code=202)
+            why = "this answers no server request: /mcp relays none"
+            audit_id = await self._refuse(request, principal, "(response)", msg, "not-your-request", why)
+            error = jsonrpc.error(None, jsonrpc.INVALID_REQUEST, why, {"audit_id": audit_id})
+            return Response(error, 400, media_type="application/json", headers=echo)
+        if method == "notifications/cancelled":
+            return await self._cancel(request, principal, msg, body, modern, session_id)
+        if method in ("notifications/initialized", "notifications/roots/list_changed"):
             return Response(status_code=202)
         if method == "ping":
             return _answer(msg, {}, echo)
@@ -120,10 +150,29 @@ class AggregateFront:
         if method == "tools/call":
             with metrics.INFLIGHT.track_inprogress():
                 return await self._call(request, principal, msg, modern, session_id, elicitation)
-        why = f"method {str(method)[:100]!r} is not served on /mcp (tools only): use /mcp/<upstream>"
-        return Response(
-            jsonrpc.error(msg.get("id"), -32601, why), media_type="application/json", headers=echo
-        )
+        why = f"method {method[:100]!r} is not served on /mcp (tools only): use /mcp/<upstream>"
+        audit_id = await self._refuse(request, principal, method, msg, "method-not-allowed", why)
+        error = jsonrpc.error(msg.get("id"), jsonrpc.METHOD_NOT_FOUND, why, {"audit_id": audit_id})
+        if "id" not in msg:
+            return Response(error, 400, media_type="application/json", headers=echo)
+        return Response(error, media_type="application/json", headers=echo)
+
+    async def _cancel(
+        self,
+        request: Request,
+        principal: Principal,
+        msg: dict[str, Any],
+        body: bytes,
+        modern: bool,
+        session_id: str | None,
+    ) -> Response:
+        """Route a cancellation to the upstream where the sender's own request is in flight."""
+        for up in self.front.upstreams.values():
+            x = Exchange(up, principal, msg, body, None, session_id, modern, trace_id_of(request))
+            if forward.private_id_of(up, x.owner, x.params.get("requestId")) is not None:
+                return await self.front.cancel(x)
+        metrics.CORRELATION_REFUSED.labels("cancel").inc()
+        return Response(status_code=202)
 
     def _initialize(self, msg: dict[str, Any], principal: Principal) -> Response:
         params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
@@ -154,11 +203,8 @@ class AggregateFront:
             except (BastionError, TimeoutError, ValueError, KeyError) as exc:
                 log.warning("/mcp: upstream %s left out of tools/list (%s)", up.name, exc)
                 return []
-            tools = [t for t in tools if isinstance(t.get("name"), str)]
-            if front.pins is not None:
-                tools = await front.pins.keep_usable(up.name, tools)
-            allowed = front.allowed_tools(principal, up.name, [t["name"] for t in tools])
-            return [{**t, "name": f"{up.name}{self.sep}{t['name']}"} for t in tools if t["name"] in allowed]
+            allowed = await front.pipeline.listing(principal, up.name, "call_tool", tools, "name")
+            return [{**t, "name": f"{up.name}{self.sep}{t['name']}"} for t in allowed]
 
         ups = [front.upstreams[name] for name in sorted(front.upstreams)]
         lists = await asyncio.gather(*(one(u) for u in ups))
@@ -179,26 +225,17 @@ class AggregateFront:
         prefix, sep, tool = name.partition(self.sep) if isinstance(name, str) else ("", "", "")
         up = front.upstreams.get(prefix) if sep and tool else None
         if up is None:
-            args = (params or {}).get("arguments")
-            call = ToolCall(
-                AGGREGATE,
-                str(name)[:200] if isinstance(name, str) else "",
-                args if isinstance(args, dict) else {},
-                principal=principal,
-                call_id=_call_id(msg),
-            )
             why = f"unknown tool {str(name)[:200]!r}: names on /mcp are <upstream>{self.sep}<tool>"
-            await front.pipeline.refuse(call, "protocol", "unknown-tool", why)
-            return Response(
-                jsonrpc.error(msg.get("id"), jsonrpc.INVALID_PARAMS, why), media_type="application/json"
-            )
+            audit_id = await self._refuse(request, principal, str(name)[:200], msg, "unknown-tool", why)
+            error = jsonrpc.error(msg.get("id"), jsonrpc.INVALID_PARAMS, why, {"audit_id": audit_id})
+            return Response(error, media_type="application/json")
         routed = {**msg, "params": {**(params or {}), "name": tool}}
         body = jsonrpc.dumps(routed)
         try:
             admitted = await front.auth.authenticate(request.headers.get("authorization"), up.name)
             require_scopes(admitted, up.cfg.required_scopes)
         except AuthError as err:
-            await front._audit_refused_call(request, up, body, err.message, principal, err.code)
+            await front.audit_refused_credential(request, up, body, err.message, principal, err.code)
             raise
         x = Exchange(
             up,
@@ -208,11 +245,11 @@ class AggregateFront:
             None,
             session_id,
             modern,
-            _trace_id(request),
+            trace_id_of(request),
             elicitation=elicitation,
             request=request,
         )
-        return await front._call_tool(x)
+        return await front.govern(x)
 
 
 def _answer(msg: dict[str, Any], result: dict[str, Any], headers: dict[str, str]) -> Response:

@@ -9,17 +9,15 @@ here turns a message of one era into what the other expects.
 
 from __future__ import annotations
 
-import itertools
-import json
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ProtocolError
 from gateway.fronts import jsonrpc
 from gateway.upstreams.base import Upstream
-from gateway.upstreams.streamable_http import MODERN_META, MODERN_VERSION, Reply
+from gateway.upstreams.streamable_http import MODERN_VERSION
 
 if TYPE_CHECKING:
-    from gateway.fronts.mcp.endpoint import Exchange
+    from gateway.fronts.mcp.exchange import Exchange
 
 PLACEHOLDER_CLIENT_VERSION = "0.0.0-unknown"
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
@@ -27,7 +25,6 @@ MODERN_VERSIONS = (MODERN_VERSION,)
 _CACHEABLE = frozenset(
     {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
 )
-_ids = itertools.count(1)
 
 
 def initialize_body(x: Exchange) -> bytes:
@@ -58,27 +55,6 @@ def check_modern_headers(headers: Any, msg: dict[str, Any]) -> None:
         raise ProtocolError(f"Mcp-Name header does not match the body's {key}", jsonrpc.HEADER_MISMATCH)
 
 
-def mcp_headers_of(x: Exchange) -> dict[str, str]:
-    hdrs = {"mcp-protocol-version": MODERN_VERSION, "mcp-method": x.method}
-    name = x.params.get("uri") if x.method == "resources/read" else x.params.get("name")
-    if isinstance(name, str) and x.method in ("tools/call", "prompts/get", "resources/read"):
-        hdrs["mcp-name"] = name
-    return hdrs
-
-
-def response_to(data: str, request_id: Any) -> dict[str, Any] | None:
-    """The parsed message if this SSE payload is the response to `request_id`, else None."""
-    if not data or '"id"' not in data:
-        return None
-    try:
-        msg = json.loads(data)
-    except ValueError:
-        return None
-    if isinstance(msg, dict) and msg.get("id") == request_id and ("result" in msg or "error" in msg):
-        return msg
-    return None
-
-
 def modernize(msg: dict[str, Any], method: str) -> None:
     """Give a legacy upstream's result the fields a 2026-07-28 client requires."""
     result = msg.get("result")
@@ -102,55 +78,3 @@ def discover_result(up: Upstream) -> dict[str, Any]:
     if up.instructions:
         result["instructions"] = up.instructions
     return result
-
-
-async def send_in_era(x: Exchange, trace: dict[str, str]) -> tuple[Reply, tuple[Any] | None]:
-    up = x.upstream
-    era = await up.detect()
-    method = x.method
-    long_lived = method == "subscriptions/listen"
-    if era == "modern":
-        if x.modern:
-            return await up.send("POST", x.body, mcp_headers_of(x) | trace, long_lived=long_lived), None
-        msg = dict(x.msg)
-        if "method" in msg:
-            params = dict(x.params)
-            params["_meta"] = {**(params.get("_meta") or {}), **MODERN_META}
-            msg["params"] = params
-        name = x.params.get("name") if method in ("tools/call", "prompts/get") else x.params.get("uri")
-        hdrs = up.modern_headers(method, name if isinstance(name, str) else None) | trace
-        return await up.send("POST", jsonrpc.dumps(msg), hdrs, long_lived=long_lived), None
-    if x.session is not None:
-        hdrs = {"mcp-protocol-version": x.session.version, **trace}
-        if x.session.upstream_session:
-            hdrs["mcp-session-id"] = x.session.upstream_session
-        return await up.send("POST", x.body, hdrs, long_lived=long_lived), None
-    # A stateless client on a legacy upstream: the shared session, with a private request id.
-    msg = dict(x.msg)
-    restore: tuple[Any] | None = None
-    if "id" in msg and "method" in msg:
-        msg["id"] = f"bastion-{next(_ids)}"
-        restore = (msg["id"],)
-    if "method" in msg:
-        params = dict(x.params)
-        meta = {
-            k: v
-            for k, v in (params.get("_meta") or {}).items()
-            if not k.startswith("io.modelcontextprotocol/")
-        }
-        params.pop("_meta", None)
-        if meta:
-            params["_meta"] = meta
-        msg["params"] = params
-    body = jsonrpc.dumps(msg)
-    for attempt in range(2):
-        shared = up.shared.id
-        hdrs = {"mcp-protocol-version": up.shared.version, **trace}
-        if shared:
-            hdrs["mcp-session-id"] = shared
-        reply = await up.send("POST", body, hdrs, long_lived=long_lived)
-        if reply.status != 404 or attempt == 1:
-            return reply, restore
-        await reply.aclose()
-        await up.reopen_shared(shared)
-    raise AssertionError("unreachable")

@@ -42,7 +42,8 @@ from gateway.fronts import jsonrpc
 from gateway.state.approvals import ApprovalError, Approvals, binding_of
 
 if TYPE_CHECKING:
-    from gateway.fronts.mcp.endpoint import Exchange, MCPFront
+    from gateway.fronts.mcp.endpoint import MCPFront
+    from gateway.fronts.mcp.exchange import Exchange
 
 log = logging.getLogger("bastion.approvals")
 
@@ -223,14 +224,10 @@ class InlineApprovals:
         """The decided call through the pipeline once more, as the client's repeat would be; its
         answer as SSE events."""
         front = self.front
-        call, key = front._tool_call_of(x)
+        call, key, _ = front.call_of(x)
         msg_id = x.msg.get("id")
         try:
-            decision = await front.pipeline.admit(call)
-            if not decision.allowed:
-                yield jsonrpc.sse(front.refused_body(x, call, decision))
-                return
-            response = await front.run_admitted(x, call, decision, key)
+            response = front.render(x, await front.pipeline.run(call, x.outgoing(), key))
         except BastionError as err:
             yield jsonrpc.sse(jsonrpc.error(msg_id, err.jsonrpc_code, err.message))
             return
@@ -297,7 +294,7 @@ class InlineApprovals:
                 "b": binding_of(call.principal, call.upstream, call.tool, call.arguments),
             },
         )
-        shown = self.front.approval_of(call, decision) or {}
+        shown = self.front.pipeline.approval_of(call, decision) or {}
         result = {
             "resultType": "input_required",
             "inputRequests": {

@@ -104,3 +104,27 @@ def fit_to_schema(structured: dict[str, Any], text: str, schema: Any) -> dict[st
         return fitted if validator.is_valid(fitted) else None
     except Exception:  # an unusable schema: no structuredContent rather than one that may not conform
         return None
+
+
+REFUSED = -32003
+"""JSON-RPC error code of a governed message (not a tool call) that Bastion refused."""
+
+
+def refused_error(
+    msg_id: Any, decision: Decision, audit_id: str, approval: dict[str, str] | None = None
+) -> bytes:
+    """A refused resource read, prompt or completion: a JSON-RPC error naming the policy and
+    reason, with the decision in `data` (tool calls get a result the model can read instead)."""
+    text = "; ".join(f"denied by policy {r.policy}: {r.reason}" for r in decision.reasons) or "denied"
+    data: dict[str, Any] = {
+        "decision": decision.effect,
+        "reasons": [r.to_json() for r in decision.reasons],
+        "audit_id": audit_id,
+    }
+    if approval is not None:
+        text = (
+            f"approval required: {approval['approval_id']}; "
+            f"ask {approval['approvers']} ({approval['approval_url']})"
+        )
+        data |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
+    return jsonrpc.error(msg_id, REFUSED, text, data)
