@@ -83,6 +83,8 @@ class Gateway:
         self.auth = Authenticator(cfg.identity, self.base_url, list(cfg.upstreams), state_url=cfg.state.url)
         self.policy: PolicyEngine | None = None
         self.tool_schemas: dict[str, Any] = {}
+        self.prompt_arguments: dict[str, list[str]] = {}
+        """Upstream prompt argument names learned at start-up: `context.args` of `get_prompt`."""
         """Upstream tool input schemas learned at start-up; policy reloads type `context.args` with them."""
         self.policy_watcher: PolicyWatcher | None = None
         self.store: AuditStore | None = None
@@ -115,8 +117,9 @@ class Gateway:
             key_path = cfg.redaction.hmac_key_file or data_dir / "redaction-hmac.key"
             redactor = Redactor(cfg.redaction, load_or_create_secret(key_path))
         await self.auth.start()
-        self.tool_schemas = schemas = await self._discover_tools()
-        self.policy = PolicyEngine.load(cfg.policy, schemas, [b.name for b in cfg.budgets])
+        self.tool_schemas = await self._discover_tools()
+        self.prompt_arguments = await self._discover_prompts()
+        self.policy = self.load_policy()
         for warning in self.policy.warnings:
             log.warning("policy: %s", warning)
         metrics.POLICY_VERSION.labels(self.policy.version).set(1)
@@ -192,11 +195,7 @@ class Gateway:
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
         if cfg.policy.watch:
             self.policy_watcher = PolicyWatcher(
-                cfg.policy,
-                lambda: self.tool_schemas,
-                self.install_policy,
-                lambda: self._policy().version,
-                [b.name for b in cfg.budgets],
+                cfg.policy, self.load_policy, self.install_policy, lambda: self._policy().version
             )
             self.policy_watcher.start()
 
@@ -221,6 +220,11 @@ class Gateway:
     def _policy(self) -> PolicyEngine:
         assert self.policy is not None
         return self.policy
+
+    def load_policy(self) -> PolicyEngine:
+        """Read the policy set with what the upstreams told at start-up (a ConfigError if invalid)."""
+        budgets = [b.name for b in self.cfg.budgets]
+        return PolicyEngine.load(self.cfg.policy, self.tool_schemas, budgets, self.prompt_arguments)
 
     def install_policy(self, engine: PolicyEngine) -> None:
         """Swap in a new policy set: one assignment, so every call sees the old set or the new one."""
@@ -278,6 +282,31 @@ class Gateway:
             for up, tools in zip(ups, found, strict=True)
             for t in tools
             if isinstance(t.get("name"), str)
+        }
+
+    async def _discover_prompts(self) -> dict[str, list[str]]:
+        """Each upstream's prompt argument names, so `get_prompt` policies can read `context.args`."""
+
+        async def one(up: Upstream) -> list[dict[str, Any]]:
+            if "prompts" not in up.capabilities:
+                return []
+            try:
+                return await asyncio.wait_for(up.list_prompts(), DISCOVERY_TIMEOUT_S)
+            except (BastionError, TimeoutError, ValueError, KeyError) as exc:
+                log.warning("upstream %s: could not list its prompts at start-up (%s)", up.name, exc)
+                return []
+
+        ups = list(self.upstreams.values())
+        found = await asyncio.gather(*(one(u) for u in ups))
+        return {
+            f"{up.name}/{p['name']}": [
+                a["name"]
+                for a in p.get("arguments") or []
+                if isinstance(a, dict) and isinstance(a.get("name"), str)
+            ]
+            for up, prompts in zip(ups, found, strict=True)
+            for p in prompts
+            if isinstance(p.get("name"), str)
         }
 
 

@@ -10,10 +10,14 @@
     ├── SessionError         400 missing / 404 unknown or expired MCP session
     ├── UpstreamError        502: the tool server failed or could not be reached
     │   ├── UpstreamTimeout  504
+    │   ├── BrokenReply      502: it answered, unusably (malformed, empty, cut off): the tool may have run
     │   ├── CircuitOpen      503: the upstream's breaker is open, the call was not sent
     │   └── DeadLetter       502/504: an idempotent call failed on every retry
     ├── AuditUnavailable     503: the audit store cannot record, so nothing is forwarded
-    └── PinsUnavailable      503: the tool pins (state DB) cannot be read, so no tool is listed
+    ├── PinsUnavailable      503: the tool pins (state DB) cannot be read, so no tool is listed
+    ├── StateUnavailable     503: the state DB cannot say whether a call_id ran, so it is not forwarded
+    ├── DuplicateCall        409: a repeated call_id; the tool is not run again
+    └── ApprovalError        404/409/403/...: an approval cannot be decided (unknown, decided, expired)
 
 Third-party exceptions (httpx, cedarpy, SQLAlchemy, pyjwt) are translated where they are called,
 chained with `raise ... from exc`, so a front maps one tree to the wire in one place.
@@ -120,6 +124,11 @@ class CircuitOpen(UpstreamError):
         self.retry_after_s = retry_after_s
 
 
+class BrokenReply(UpstreamError):
+    """The upstream answered, but the answer was unusable (malformed, empty, broken off): the
+    tool may have run."""
+
+
 class DeadLetter(UpstreamError):
     """An idempotent call that failed on every attempt it was allowed; `last` is the final failure."""
 
@@ -143,3 +152,38 @@ class PinsUnavailable(BastionError):
     code = "pins_unavailable"
     http_status = 503
     jsonrpc_code = -32005
+
+
+class StateUnavailable(BastionError):
+    """The state database cannot tell whether this call_id ran already: the call is not forwarded."""
+
+    code = "state_unavailable"
+    http_status = 503
+    jsonrpc_code = -32004
+
+
+class DuplicateCall(BastionError):
+    """A repeated call_id: the tool is not run again. `previous` is what the first call left."""
+
+    code = "duplicate_call"
+    http_status = 409
+    jsonrpc_code = -32005
+
+    def __init__(self, message: str, previous: Any) -> None:
+        super().__init__(message)
+        self.previous = previous
+
+
+class ApprovalError(BastionError):
+    """An approval cannot be decided: unknown id, already decided, expired, or not yours to decide."""
+
+    code = "approval"
+    jsonrpc_code = -32003
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+    @property
+    def status(self) -> int:
+        return self.http_status

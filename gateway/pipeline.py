@@ -59,13 +59,14 @@ from gateway.errors import (
     BastionError,
     CircuitOpen,
     DeadLetter,
+    StateUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
 from gateway.stages.policy import PolicyStage
 from gateway.stages.taint import SessionTaint, check_result, session_key
 from gateway.state.approvals import Approvals, binding_of
-from gateway.state.idempotency import CallRegistry, IdempotencyUnavailable, Previous
+from gateway.state.idempotency import CallRegistry, Previous
 from gateway.state.pins import ToolPins
 from gateway.upstreams import forward
 from gateway.upstreams.base import Upstream
@@ -454,7 +455,7 @@ class Pipeline:
         fingerprint = self.calls.fingerprint(call.upstream, call.tool, call.arguments)
         try:
             previous = await self.calls.claim(call.principal.key, key, fingerprint, call.audit_id)
-        except IdempotencyUnavailable as err:
+        except StateUnavailable as err:
             await self.refund(call)
             await self.finish(call, decision, Outcome("error", self.elapsed_ms(call), None, err.message))
             raise

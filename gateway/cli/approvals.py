@@ -105,7 +105,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from gateway.state.approvals import ApprovalError
+    from gateway.errors import ApprovalError
 
     by = args.by or _login()
 

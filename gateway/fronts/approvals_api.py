@@ -29,10 +29,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from gateway.call import Principal
 from gateway.config import Config, ToolSettings
+from gateway.errors import ApprovalError
 from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.mcp.sessions import load_or_create_secret
 from gateway.policy.engine import PolicyEngine
-from gateway.state.approvals import Approval, ApprovalError, Approvals
+from gateway.state.approvals import Approval, Approvals
 
 
 class Host(Protocol):

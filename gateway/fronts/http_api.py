@@ -22,13 +22,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.call import Decision, Outcome, Principal, ToolCall
-from gateway.errors import AuthError, BastionError, CircuitOpen, ProtocolError, UpstreamError
+from gateway.errors import (
+    AuthError,
+    BastionError,
+    CircuitOpen,
+    DuplicateCall,
+    ProtocolError,
+    StateUnavailable,
+    UpstreamError,
+)
 from gateway.fronts.client_info import client_name
 from gateway.fronts.jsonrpc import parse_json
 from gateway.fronts.wire import read_body, trace_id_of, traceparent
 from gateway.identity.authenticator import Authenticator, require_scopes
 from gateway.pipeline import Pipeline
-from gateway.state.idempotency import DuplicateCall, IdempotencyUnavailable, Previous
+from gateway.state.idempotency import Previous
 from gateway.upstreams.forward import Outgoing
 
 _FIELDS = {"upstream", "tool", "arguments", "call_id"}
@@ -98,7 +106,7 @@ class HTTPToolAPI:
             if answer.status >= 400:
                 raise UpstreamError(f"upstream answered HTTP {answer.status}")
             reply = await answer.whole()
-        except IdempotencyUnavailable as err:
+        except StateUnavailable as err:
             return JSONResponse({**err.to_json(), "audit_id": call.audit_id}, err.http_status)
         except UpstreamError as err:
             failed = {"decision": "allow", "error": err.to_json(), "audit_id": call.audit_id}

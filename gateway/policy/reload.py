@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,21 +77,20 @@ def snapshot(cfg: PolicyConfig) -> _Snapshot:
 class PolicyWatcher:
     """Polls `cfg`'s files every `cfg.watch_interval_s` and installs each set that loads.
 
-    `tool_schemas` gives the upstream tool input schemas learned at start-up (they type
-    `context.args`); `install` receives each new engine and must swap it in atomically.
+    `load` reads the set as start-up did (with the upstream tool schemas and prompt arguments
+    learned then, which type `context.args`); `install` receives each new engine and must swap it
+    in atomically.
     """
 
     def __init__(
         self,
         cfg: PolicyConfig,
-        tool_schemas: Callable[[], Mapping[str, Mapping[str, Any]]],
+        load: Callable[[], PolicyEngine],
         install: Callable[[PolicyEngine], None],
         active_version: Callable[[], str | None],
-        budget_names: Sequence[str] = (),
     ) -> None:
         self._cfg = cfg
-        self._budget_names = tuple(budget_names)
-        self._tool_schemas = tool_schemas
+        self._load = load
         self._install = install
         self._active_version = active_version
         self._seen: _Snapshot = ()
@@ -142,9 +141,7 @@ class PolicyWatcher:
 
     async def _reload(self) -> bool:
         try:
-            engine = await asyncio.to_thread(
-                PolicyEngine.load, self._cfg, dict(self._tool_schemas()), self._budget_names
-            )
+            engine = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             self.failures += 1
             self.error = exc.message

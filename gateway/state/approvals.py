@@ -47,10 +47,10 @@ from audit.writer import AuditWriter
 from gateway import metrics
 from gateway.call import Principal, ToolCall
 from gateway.config import ApprovalsConfig
-from gateway.errors import ConfigError
+from gateway.errors import ApprovalError, ConfigError
 from gateway.state.db import metadata
 
-__all__ = ["Approval", "ApprovalError", "Approvals", "binding_of"]
+__all__ = ["Approval", "Approvals", "binding_of"]
 
 log = logging.getLogger("bastion.approvals")
 
@@ -86,15 +86,6 @@ approvals_table = Table(
     Column("used_ms", BigInteger),
     Index("ix_bastion_approvals_binding", "binding", "status"),
 )
-
-
-class ApprovalError(Exception):
-    """An approval cannot be decided: unknown id, already decided, or expired. `status`: HTTP code."""
-
-    def __init__(self, message: str, status: int = 409) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 def binding_of(principal: Principal, upstream: str, tool: str, arguments: Mapping[str, Any]) -> str:

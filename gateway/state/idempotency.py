@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.sqlite_thread import SQLiteThread
 from gateway.config import IdempotencyConfig
-from gateway.errors import BastionError
+from gateway.errors import StateUnavailable
 from gateway.state.db import metadata
 
 log = logging.getLogger("bastion.idempotency")
@@ -47,26 +47,6 @@ call_ids = Table(
     Column("done", Boolean, nullable=False, default=False),
     Column("response", LargeBinary, nullable=True),
 )
-
-
-class IdempotencyUnavailable(BastionError):
-    """The state database cannot tell whether this call_id ran already: the call is not forwarded."""
-
-    code = "state_unavailable"
-    http_status = 503
-    jsonrpc_code = -32004
-
-
-class DuplicateCall(BastionError):
-    """A repeated call_id: the tool is not run again."""
-
-    code = "duplicate_call"
-    http_status = 409
-    jsonrpc_code = -32005
-
-    def __init__(self, message: str, previous: Previous) -> None:
-        super().__init__(message)
-        self.previous = previous
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +156,11 @@ class CallRegistry:
                         call_id, found.audit_id, found.fingerprint == fingerprint, found.done, found.response
                     )
         except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise IdempotencyUnavailable(
+            raise StateUnavailable(
                 f"the state database cannot check call_id {call_id!r} ({type(exc).__name__}); "
                 "the call was not forwarded"
             ) from exc
-        raise IdempotencyUnavailable(f"call_id {call_id!r} is being claimed concurrently; try again")
+        raise StateUnavailable(f"call_id {call_id!r} is being claimed concurrently; try again")
 
     def holds(self, audit_id: str) -> bool:
         return audit_id in self._claims

@@ -141,6 +141,9 @@ class HTTPToolsUpstream:
             tools.append(tool)
         return tools
 
+    async def list_prompts(self) -> list[dict[str, Any]]:
+        return []  # plain HTTP tools offer none
+
     async def send(
         self,
         http_method: str,

@@ -35,7 +35,7 @@ from httpx_sse import ServerSentEvent
 
 from gateway import metrics
 from gateway.config import BreakerConfig, RetryConfig, ToolSettings, UpstreamConfig
-from gateway.errors import CircuitOpen, DeadLetter, UpstreamError, UpstreamTimeout
+from gateway.errors import BrokenReply, CircuitOpen, DeadLetter, UpstreamError, UpstreamTimeout
 from gateway.upstreams.streamable_http import Reply
 
 CircuitState = Literal["closed", "half-open", "open"]
@@ -191,11 +191,6 @@ class Delivered:
             if close is not None:
                 await close()
         await self.reply.aclose()
-
-
-class BrokenReply(UpstreamError):
-    """The upstream answered, but the answer was unusable (malformed, empty, broken off): the
-    tool may have run."""
 
 
 class _Failed(Exception):

@@ -126,20 +126,24 @@ class StdioUpstream:
         return {**msg, "params": {**params, "requestId": private}}  # type: ignore[dict-item]
 
     async def list_tools(self) -> list[dict[str, Any]]:
+        return await self._list_all("tools/list", "tools")
+
+    async def list_prompts(self) -> list[dict[str, Any]]:
+        return await self._list_all("prompts/list", "prompts")
+
+    async def _list_all(self, method: str, field: str) -> list[dict[str, Any]]:
         await self._ensure()
-        tools: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = []
         cursor: str | None = None
         for _ in range(100):
             params = {} if cursor is None else {"cursor": cursor}
-            answer = await self._request(
-                {"jsonrpc": "2.0", "id": 0, "method": "tools/list", "params": params}
-            )
+            answer = await self._request({"jsonrpc": "2.0", "id": 0, "method": method, "params": params})
             result = answer.get("result") or {}
-            tools.extend(t for t in result.get("tools", []) if isinstance(t, dict))
+            items.extend(t for t in result.get(field, []) if isinstance(t, dict))
             cursor = result.get("nextCursor")
             if not cursor:
                 break
-        return tools
+        return items
 
     async def aclose(self) -> None:
         if self._idle is not None:

@@ -279,21 +279,28 @@ class StreamableHTTPUpstream:
 
     async def list_tools(self) -> list[dict[str, Any]]:
         """Every tool the upstream offers (all pages), for policy schema generation at start-up."""
+        return await self._list_all("tools/list", "tools")
+
+    async def list_prompts(self) -> list[dict[str, Any]]:
+        """Every prompt the upstream offers (all pages): their arguments type `get_prompt` policies."""
+        return await self._list_all("prompts/list", "prompts")
+
+    async def _list_all(self, method: str, field: str) -> list[dict[str, Any]]:
         era = await self.detect()
-        tools: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = []
         cursor: str | None = None
         for _ in range(100):
             params: dict[str, Any] = {} if cursor is None else {"cursor": cursor}
             if era == "modern":
                 params["_meta"] = MODERN_META
-                hdrs = self.modern_headers("tools/list")
+                hdrs = self.modern_headers(method)
             else:
                 hdrs = {"mcp-protocol-version": self.shared.version}
                 if self.shared.id:
                     hdrs["mcp-session-id"] = self.shared.id
-            result = (await self.rpc("tools/list", params, hdrs))["result"]
-            tools.extend(t for t in result.get("tools", []) if isinstance(t, dict))
+            result = (await self.rpc(method, params, hdrs))["result"]
+            items.extend(t for t in result.get(field, []) if isinstance(t, dict))
             cursor = result.get("nextCursor")
             if not cursor:
                 break
-        return tools
+        return items

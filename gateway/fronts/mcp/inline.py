@@ -37,9 +37,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.call import Decision, Principal, ToolCall
-from gateway.errors import BastionError
+from gateway.errors import ApprovalError, BastionError
 from gateway.fronts import jsonrpc
-from gateway.state.approvals import ApprovalError, Approvals, binding_of
+from gateway.state.approvals import Approvals, binding_of
 
 if TYPE_CHECKING:
     from gateway.fronts.mcp.endpoint import MCPFront

@@ -52,6 +52,9 @@ when { resource.uri == "notes://secret" } unless { principal in Group::"admins" 
 @id("admin-prompt") @reason("the admin prompt is for admins")
 forbid (principal, action == Action::"get_prompt", resource)
 when { resource.name == "admin_prompt" } unless { principal in Group::"admins" };
+@id("no-secret-topic") @reason("not that topic")
+forbid (principal, action == Action::"get_prompt", resource)
+when { context.args has topic && context.args.topic == "secrets" };
 """
 
 
@@ -195,8 +198,12 @@ async def test_prompts_are_decided_listed_and_recorded(env: Env, mode: str) -> N
         assert names == {"summarize"}
         got = await client.get_prompt("summarize", {"topic": "cedar"})
         assert "cedar" in json.dumps(got.model_dump(mode="json"))
+        with pytest.raises(MCPError) as by_argument:
+            await client.get_prompt("summarize", {"topic": "secrets"})
         with pytest.raises(MCPError) as refused:
             await client.get_prompt("admin_prompt")
+    # the prompt's arguments, learned from the upstream at start-up, type `context.args`
+    assert "no-secret-topic" in by_argument.value.error.message
     assert "admin-prompt" in refused.value.error.message
     [record] = await env.records(id=refused.value.error.data["audit_id"])
     assert (record["action"], record["tool"], record["decision"]["effect"]) == (
@@ -204,9 +211,13 @@ async def test_prompts_are_decided_listed_and_recorded(env: Env, mode: str) -> N
         "admin_prompt",
         "deny",
     )
-    [done] = [r for r in await env.records(action="get_prompt", tool="summarize") if r["trace_id"]][-1:]
-    assert done["outcome"]["status"] == "completed"
-    assert done["args_redacted"] == {"topic": "<str>"} or "topic" in json.dumps(done["args_redacted"])
+    summarized = await env.records(action="get_prompt", tool="summarize")
+    done = [r for r in summarized if r["decision"]["effect"] == "allow"]
+    assert done and done[-1]["outcome"]["status"] == "completed"
+    assert "topic" in json.dumps(done[-1]["args_redacted"])
+    assert [r["decision"]["policy_ids"] for r in summarized if r["decision"]["effect"] == "deny"][-1] == [
+        "no-secret-topic"
+    ]
 
 
 async def test_completion_is_refused_where_the_prompt_is(env: Env, http: httpx.AsyncClient) -> None:
