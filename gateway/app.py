@@ -52,6 +52,7 @@ from gateway.state.approvals import Approvals
 from gateway.state.db import open_state, sqlite_writer
 from gateway.state.idempotency import CallRegistry
 from gateway.state.pins import ToolPins
+from gateway.state.tasks import TaskOwners
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http_tools import HTTPToolsUpstream
 from gateway.upstreams.stdio import StdioUpstream
@@ -179,6 +180,7 @@ class Gateway:
             approvals=self.approvals,
             calls=CallRegistry(self.state, cfg.idempotency, hmac_key, self.state_writer),
             pins=pins,
+            tasks=TaskOwners(self.state),
         )
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(

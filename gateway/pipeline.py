@@ -68,6 +68,7 @@ from gateway.stages.taint import SessionTaint, check_result, session_key
 from gateway.state.approvals import Approvals, binding_of
 from gateway.state.idempotency import CallRegistry, Previous
 from gateway.state.pins import ToolPins
+from gateway.state.tasks import Task, TaskOwners
 from gateway.upstreams import forward
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.forward import Outgoing, Private
@@ -169,6 +170,7 @@ class Pipeline:
         approvals: Approvals | None = None,
         calls: CallRegistry | None = None,
         pins: ToolPins | None = None,
+        tasks: TaskOwners | None = None,
     ) -> None:
         self.stages = tuple(stages)
         self.upstreams = upstreams
@@ -183,6 +185,8 @@ class Pipeline:
         """Claims of call_ids, so that a repeat never runs a non-idempotent tool twice."""
         self.pins = pins
         """Pinned tool definitions: listings show only approved ones (None: pinning is off)."""
+        self.tasks = tasks
+        """Who created which upstream task (None: task-augmented calls are not bound to owners)."""
         self.guards = {name: FaultGuard(name, up.cfg) for name, up in upstreams.items()}
         """Deadline, retries and circuit breaker per upstream, around every forwarded call."""
         self._writer = writer
@@ -212,6 +216,41 @@ class Pipeline:
             if not call.recorded:
                 self._record_error(call, decision, exc)
             raise
+
+    async def task_result(self, call: ToolCall, task: Task, out: Outgoing) -> Answer:
+        """Fetch a task's result for its owner: no stages (the call that created the task was
+        decided), but forwarded through the fault guard, redacted, scanned and recorded like it."""
+        why = f"the result of task {task.task_id[:100]}, created by the call recorded as {task.audit_id}"
+        decision: Decision | None = Decision("allow", (Reason("task-owner", why),), "task")
+        try:
+            assert decision is not None
+            decision = await self.begin(call, decision)
+            if not decision.allowed:
+                await self.finish(call, decision, Outcome("denied", self.elapsed_ms(call)))
+                return Answer(call, decision)
+            return await self._forward(call, decision, out)
+        except BaseException as exc:
+            if not call.recorded:
+                self._record_error(call, decision, exc)
+            raise
+
+    async def task_of(self, principal: Principal, upstream: str, task_id: Any) -> Task | None:
+        """The task, if `task_id` names one this principal created; None for anyone else's."""
+        if self.tasks is None or not isinstance(task_id, str) or not 0 < len(task_id) <= 256:
+            return None
+        try:
+            task = await self.tasks.get(upstream, task_id)
+        except SQLAlchemyError as exc:
+            raise StateUnavailable(f"task owners unavailable: {type(exc).__name__}") from exc
+        return task if task is not None and task.principal == owner_id(principal) else None
+
+    async def tasks_of(self, principal: Principal, upstream: str) -> set[str]:
+        if self.tasks is None:
+            return set()
+        try:
+            return await self.tasks.mine(upstream, owner_id(principal))
+        except SQLAlchemyError as exc:
+            raise StateUnavailable(f"task owners unavailable: {type(exc).__name__}") from exc
 
     async def admit(self, call: ToolCall) -> Decision:
         """Decide, then make the decision durable: a pending record for a call about to be
@@ -550,6 +589,11 @@ class Pipeline:
             metrics.UPSTREAM_ERRORS.labels(call.upstream, "jsonrpc").inc()
         outcome = Outcome(status, self.elapsed_ms(call), 200, why, sha256_hex(raw))
         audited, changed = decision, False
+        task = result.get("task") if isinstance(result, dict) and call.action == "call_tool" else None
+        if isinstance(task, dict) and (refused := await self._own_task(call, task)) is not None:
+            outcome = Outcome("failed", outcome.latency_ms, 200, refused, outcome.result_sha256)
+            msg = {"jsonrpc": "2.0", "id": msg.get("id"), "error": {"code": -32603, "message": refused}}
+            result, changed = None, True
         if isinstance(result, dict):
             redacted, audited = await self.redact_result(call, decision, result)
             if redacted is not None:
@@ -565,6 +609,26 @@ class Pipeline:
         if self.calls is not None and self.calls.holds(call.audit_id):
             await self.calls.complete(call.audit_id, json.dumps(msg).encode() if changed else raw)
         return msg, changed
+
+    async def _own_task(self, call: ToolCall, task: dict[str, Any]) -> str | None:
+        """Bind a task the call created to the caller; the reason it cannot be handed out, if any."""
+        task_id, ttl = task.get("taskId"), task.get("ttl")
+        if self.tasks is None or call.principal is None:
+            return "tasks are not relayed here: call the tool without `task`"
+        if not isinstance(task_id, str) or not 0 < len(task_id) <= 256:
+            return "the upstream created a task without a usable id"
+        try:
+            owned = await self.tasks.own(
+                call.upstream,
+                task_id,
+                owner_id(call.principal),
+                call.tool,
+                call.audit_id,
+                ttl / 1000 if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None,
+            )
+        except SQLAlchemyError as exc:
+            return f"the task's owner could not be recorded ({type(exc).__name__}), so it is not handed out"
+        return None if owned else "the upstream reused a task id that belongs to another call"
 
     async def redact_result(
         self, call: ToolCall, decision: Decision, result: dict[str, Any]
@@ -677,6 +741,11 @@ def _pii(call: ToolCall) -> dict[str, Any]:
     if call.pii_unscanned:
         pii["unscanned_bytes"] = call.pii_unscanned
     return pii
+
+
+def owner_id(principal: Principal) -> str:
+    """A principal as the state DB names it: a digest of its issuer and subject."""
+    return hashlib.sha256(principal.key.encode()).hexdigest()
 
 
 def sha256_hex(data: bytes) -> str:

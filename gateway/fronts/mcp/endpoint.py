@@ -487,8 +487,40 @@ class MCPFront:
         return await self.relay.passthrough(x)
 
     async def _task(self, x: Exchange) -> Response:
-        why = "tasks are not relayed through Bastion yet: call the tool without `task` (docs/mcp.md)"
-        return await self.refuse_message(x, "tasks-unsupported", why, jsonrpc.METHOD_NOT_FOUND)
+        """`tasks/*`: a task belongs to the principal whose call created it; only they may list,
+        poll, cancel or fetch it, and its result is redacted, scanned and recorded like the call's."""
+        if x.method == "tasks/list":
+            mine = await self.pipeline.tasks_of(x.principal, x.upstream.name)
+
+            async def own(msg: dict[str, Any]) -> dict[str, Any]:
+                result = msg.get("result")
+                if isinstance(result, dict) and isinstance(result.get("tasks"), list):
+                    result["tasks"] = [
+                        t for t in result["tasks"] if isinstance(t, dict) and t.get("taskId") in mine
+                    ]
+                return msg
+
+            return await self.relay.passthrough(x, own)
+        task_id = x.params.get("taskId")
+        task = await self.pipeline.task_of(x.principal, x.upstream.name, task_id)
+        if task is None:
+            shown = str(task_id)[:100].translate(_NO_CONTROL)
+            why = f"unknown task {shown!r}: a task can be named only by the caller whose call created it"
+            return await self.refuse_message(x, "not-your-task", why, jsonrpc.INVALID_PARAMS)
+        if x.method != "tasks/result":
+            return await self.relay.passthrough(x)
+        call = ToolCall(
+            x.upstream.name,
+            task.tool,
+            {},
+            principal=x.principal,
+            call_id=task.task_id,
+            client=x.client,
+            session=x.session_id,
+        )
+        if x.trace_id:
+            call.trace_id = x.trace_id
+        return self.render(x, await self.pipeline.task_result(call, task, x.outgoing()))
 
     # -- DELETE -------------------------------------------------------------------------------
 

@@ -259,7 +259,7 @@ async def test_tools_list_shows_what_could_be_called(env: Env, mode: str) -> Non
 # -- anything else is refused and recorded --------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["tasks/get", "tasks/list", "sampling/createMessage", "x-vendor/do"])
+@pytest.mark.parametrize("method", ["sampling/createMessage", "roots/list", "x-vendor/do"])
 async def test_unlisted_methods_are_refused_and_recorded(
     env: Env, http: httpx.AsyncClient, method: str
 ) -> None:
@@ -393,3 +393,49 @@ async def test_an_error_inside_the_gateway_still_leaves_a_record(
 
 
 Token = Callable[..., str]
+
+
+# -- tasks belong to whoever created them ------------------------------------------------------
+
+
+async def test_a_task_is_its_creators_alone(env: Env, http: httpx.AsyncClient) -> None:
+    """A task-augmented call (MCP 2025-11-25) on the legacy upstream: another user who learns the
+    task id can neither poll, fetch, cancel nor list it."""
+    url = f"{env.base}/mcp/old"
+    alice, mallory = env.token("alice", upstream="old"), env.token("mallory", upstream="old")
+
+    async def send(
+        token: str, method: str, params: dict[str, Any], name: str | None = None
+    ) -> dict[str, Any]:
+        got = await http.post(url, json=message(method, params), headers=modern(token, method, name))
+        if got.headers["content-type"].startswith("text/event-stream"):
+            return sse_messages(got.text)[-1]
+        return dict(got.json())
+
+    created = await send(
+        alice, "tools/call", {"name": "echo", "arguments": {"text": "t1"}, "task": {"ttl": 30000}}, "echo"
+    )
+    task_id = created["result"]["task"]["taskId"]
+    [record] = await env.records(id=(await env.records(action="call_tool", user="alice"))[-1]["id"])
+    assert record["outcome"]["status"] == "completed"
+
+    for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+        refused = (await send(mallory, method, {"taskId": task_id}))["error"]
+        assert refused["code"] == -32602 and "unknown task" in refused["message"], method
+        [row] = await env.records(id=refused["data"]["audit_id"])
+        assert (row["user"], row["tool"], row["decision"]["policy_ids"]) == (
+            "mallory",
+            method,
+            ["not-your-task"],
+        )
+    assert (await send(mallory, "tasks/list", {}))["result"]["tasks"] == []
+
+    assert task_id in {t["taskId"] for t in (await send(alice, "tasks/list", {}))["result"]["tasks"]}
+    assert (await send(alice, "tasks/get", {"taskId": task_id}))["result"]["taskId"] == task_id
+    result = (await send(alice, "tasks/result", {"taskId": task_id}))["result"]
+    assert result["content"][0]["text"] == "t1"
+    fetched = [
+        r for r in await env.records(user="alice", call_id=task_id) if r["decision"]["stage"] == "task"
+    ]
+    assert fetched and fetched[-1]["outcome"]["status"] == "completed" and fetched[-1]["result_sha256"]
+    assert fetched[-1]["decision"]["policy_ids"] == ["task-owner"]
