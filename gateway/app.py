@@ -149,6 +149,7 @@ class Gateway:
         except AuditStoreError as exc:
             raise ConfigError(f"audit.url: {exc}") from exc
         self.state = await open_state(cfg.state.url)
+        self.auth.api_keys.use(self.state)
         self.state_writer = await sqlite_writer(self.state)
         budgets = BudgetStage(cfg.budgets, self.state, self.state_writer) if cfg.budgets else None
         view = budgets.view if budgets else None  # context.budget, read only when a policy uses it

@@ -25,13 +25,14 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, event, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.call import Principal
 from gateway.config import ApiKeyConfig
 from gateway.errors import AuthError, ConfigError
+from gateway.state.db import api_keys_table, open_state
 
 KEY_PREFIX = "bst_"
 API_KEY_ISSUER = "bastion:api-key"
@@ -39,20 +40,6 @@ API_KEY_ISSUER = "bastion:api-key"
 CACHE_S = 30.0
 CACHE_SIZE = 10_000
 _KEY = re.compile(r"bst_([a-z0-9]{8,32})_([A-Za-z0-9_-]{20,128})")
-
-metadata = MetaData()
-api_keys_table = Table(
-    "bastion_api_keys",
-    metadata,
-    Column("prefix", String(32), primary_key=True),
-    Column("sha256", String(64), nullable=False),
-    Column("sub", String(512), nullable=False),
-    Column("attributes", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True)),
-    Column("revoked_at", DateTime(timezone=True)),
-    Column("description", String(512)),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,38 +111,21 @@ def from_config(entry: ApiKeyConfig) -> ApiKey:
     )
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
-
-
 class ApiKeyStore:
     """Keys in the state database (`state.url`), table `bastion_api_keys`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, owned: bool = False) -> None:
         self._engine = engine
+        self._owned = owned
 
     @classmethod
     async def open(cls, url: str) -> ApiKeyStore:
-        try:
-            engine = create_async_engine(url)
-        except (SQLAlchemyError, ValueError, ImportError) as exc:
-            raise ConfigError(f"state.url: cannot use it for API keys: {exc}") from exc
-        if engine.dialect.name == "sqlite":
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        try:
-            async with engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
-        except (SQLAlchemyError, OSError) as exc:
-            await engine.dispose()
-            why = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-            raise ConfigError(f"state.url: cannot open the API key table: {why}") from exc
-        return cls(engine)
+        """A store on its own engine (the `bastion keys` commands); the gateway shares its state engine."""
+        return cls(await open_state(url), owned=True)
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        if self._owned:
+            await self._engine.dispose()
 
     async def create(
         self,
@@ -243,6 +213,10 @@ class ApiKeys:
         self._configured = {k.prefix: from_config(k) for k in configured}
         self._state_url = state_url
         self._store: ApiKeyStore | None = None
+
+    def use(self, engine: AsyncEngine) -> None:
+        """Look keys up on the gateway's state engine (one pool for all state) instead of opening one."""
+        self._store = ApiKeyStore(engine)
         self._open_lock = asyncio.Lock()
         self._cache: OrderedDict[str, tuple[float, ApiKey | None]] = OrderedDict()
 

@@ -1,4 +1,7 @@
-"""The state database shared by replicas: budget usage (and later approvals, pins).
+"""The state database shared by replicas: one engine and one metadata for every table.
+
+Budget usage, API keys (here); approvals, pins, call ids, tasks and session taint (defined
+beside the code that owns them, on this metadata).
 
 SQLite (WAL) on one machine, PostgreSQL when several replicas run. The engine is created once
 at start-up. SQLite state uses `synchronous=NORMAL`: a process crash loses nothing, a power
@@ -11,7 +14,7 @@ import asyncio
 import sqlite3
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, event
+from sqlalchemy import JSON, BigInteger, Column, DateTime, MetaData, String, Table, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -20,6 +23,20 @@ from audit.store import safe_url
 from gateway.errors import ConfigError
 
 metadata = MetaData()
+
+api_keys_table = Table(
+    "bastion_api_keys",
+    metadata,
+    Column("prefix", String(32), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("sub", String(512), nullable=False),
+    Column("attributes", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("description", String(512)),
+)
+"""API keys of service agents (gateway.identity.apikeys): hashes only."""
 
 budget_usage = Table(
     "bastion_budget_usage",
