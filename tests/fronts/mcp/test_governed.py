@@ -439,3 +439,21 @@ async def test_a_task_is_its_creators_alone(env: Env, http: httpx.AsyncClient) -
     ]
     assert fetched and fetched[-1]["outcome"]["status"] == "completed" and fetched[-1]["result_sha256"]
     assert fetched[-1]["decision"]["policy_ids"] == ["task-owner"]
+
+
+async def test_the_aggregate_endpoint_refuses_and_records_what_it_does_not_serve(
+    env: Env, http: httpx.AsyncClient
+) -> None:
+    token = env.key.mint("dev", groups=("developers",), audience=env.base)
+    for method, params in (("resources/read", {"uri": "notes://secret"}), ("prompts/get", {"name": "x"})):
+        name = params.get("uri") or params.get("name")
+        got = await http.post(
+            f"{env.base}/mcp", json=message(method, params), headers=modern(token, method, name)
+        )
+        error = got.json()["error"]
+        assert error["code"] == -32601 and "use /mcp/<upstream>" in error["message"]
+        [record] = await env.records(id=error["data"]["audit_id"])
+        assert (record["upstream"], record["tool"], record["action"]) == ("*", method, "message")
+    cancel = message("notifications/cancelled", {"requestId": 1}, None)
+    got = await http.post(f"{env.base}/mcp", json=cancel, headers=modern(token, "notifications/cancelled"))
+    assert got.status_code == 202  # names no request of this caller in flight anywhere: dropped
