@@ -252,6 +252,20 @@ class Pipeline:
         except SQLAlchemyError as exc:
             raise StateUnavailable(f"task owners unavailable: {type(exc).__name__}") from exc
 
+    async def decide_only(self, call: ToolCall) -> Decision:
+        """Decide and record without forwarding (Bastion as a decision point): an allowed call's
+        outcome is `decided`, since the caller runs the tool itself."""
+        decision: Decision | None = None
+        try:
+            decision = await self.decide(call)
+            status: OutcomeStatus = "decided" if decision.allowed else "denied"
+            await self.finish(call, decision, Outcome(status, self.elapsed_ms(call)))
+            return decision
+        except BaseException as exc:
+            if not call.recorded:
+                self._record_error(call, decision, exc)
+            raise
+
     async def admit(self, call: ToolCall) -> Decision:
         """Decide, then make the decision durable: a pending record for a call about to be
         forwarded, the final record for a refused one."""

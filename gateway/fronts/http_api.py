@@ -16,19 +16,19 @@ since the caller goes on to run the tool.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.call import Decision, Outcome, Principal, ToolCall
+from gateway.call import Decision, Principal, ToolCall
 from gateway.errors import (
     AuthError,
     BastionError,
     CircuitOpen,
     DuplicateCall,
     ProtocolError,
-    StateUnavailable,
     UpstreamError,
 )
 from gateway.fronts.client_info import client_name
@@ -39,7 +39,14 @@ from gateway.pipeline import Pipeline
 from gateway.state.idempotency import Previous
 from gateway.upstreams.forward import Outgoing
 
+log = logging.getLogger("bastion.http_api")
+
 _FIELDS = {"upstream", "tool", "arguments", "call_id"}
+
+
+class NotFound(BastionError):
+    code = "not_found"
+    http_status = 404
 
 
 class HTTPToolAPI:
@@ -64,62 +71,63 @@ class HTTPToolAPI:
             upstream, tool, arguments, call_id = _parse(body, self.max_depth)
             client = client_name(request.headers)
         except BastionError as err:
-            return JSONResponse(err.to_json(), err.http_status)
+            return self._error(err, None)
         call = ToolCall(upstream, tool, arguments, protocol="http", call_id=call_id, client=client)
         call.trace_id = trace_id_of(request) or call.trace_id
+        try:
+            return await self._serve(request, call, forward)
+        except BaseException as exc:
+            return self._error(exc, call)
+
+    async def _serve(self, request: Request, call: ToolCall, forward: bool) -> Response:
         try:
             call.principal = await self._authenticate(request, call)
         except AuthError as err:
             await self.pipeline.refuse(call, "identity", err.error, err.message)
-            meta = f"{self.base_url}/.well-known/oauth-protected-resource"
-            headers = {"www-authenticate": self.auth.www_authenticate(meta, err)}
-            return JSONResponse(err.to_json() | {"audit_id": call.audit_id}, err.http_status, headers=headers)
-        if upstream not in self.pipeline.upstreams:
-            await self.pipeline.refuse(
-                call, "protocol", "unknown-upstream", f"no upstream named {upstream!r}"
-            )
-            return JSONResponse(
-                {
-                    "error": "not_found",
-                    "message": f"no upstream named {upstream[:100]!r}",
-                    "audit_id": call.audit_id,
-                },
-                404,
-            )
+            raise
+        if call.upstream not in self.pipeline.upstreams:
+            why = f"no upstream named {call.upstream[:100]!r}"
+            await self.pipeline.refuse(call, "protocol", "unknown-upstream", why)
+            raise NotFound(why)
         if not forward:
-            return await self._decide_only(call)
-        msg = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "tools/call",
-            "params": {"name": tool, "arguments": arguments},
-        }
+            return self._decided(call, await self.pipeline.decide_only(call))
+        params = {"name": call.tool, "arguments": call.arguments}
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
         out = Outgoing(msg, None, True, call.principal.key, trace=traceparent(call.trace_id))
-        try:
-            answer = await self.pipeline.run(call, out, call_id)
-            if answer.refused:
-                return _denied(
-                    answer.decision, call.audit_id, self.pipeline.approval_of(call, answer.decision)
-                )
-            if answer.previous is not None:
-                return _repeat(answer.previous, answer.decision, call.audit_id)
-            if answer.status >= 400:
-                raise UpstreamError(f"upstream answered HTTP {answer.status}")
-            reply = await answer.whole()
-        except StateUnavailable as err:
-            return JSONResponse({**err.to_json(), "audit_id": call.audit_id}, err.http_status)
-        except UpstreamError as err:
-            failed = {"decision": "allow", "error": err.to_json(), "audit_id": call.audit_id}
-            wait = None
-            if isinstance(err, CircuitOpen):
-                wait = {"retry-after": str(max(1, round(err.retry_after_s)))}
-            return JSONResponse(failed, err.http_status, headers=wait)
+        answer = await self.pipeline.run(call, out, call.call_id)
+        if answer.refused:
+            return _denied(answer.decision, call.audit_id, self.pipeline.approval_of(call, answer.decision))
+        if answer.previous is not None:
+            return _repeat(answer.previous, answer.decision, call.audit_id)
+        if answer.status >= 400:
+            raise UpstreamError(f"upstream answered HTTP {answer.status}")
+        reply = await answer.whole()
         if "error" in reply:
             failed = {"decision": answer.decision.effect, "error": reply["error"], "audit_id": call.audit_id}
             return JSONResponse(failed, 502)
         return JSONResponse(
             {"decision": answer.decision.effect, "result": reply.get("result"), "audit_id": call.audit_id}
         )
+
+    def _error(self, exc: BaseException, call: ToolCall | None) -> Response:
+        """The one place an error becomes an HTTP tool API answer (a JSON body naming it)."""
+        if not isinstance(exc, BastionError):
+            if not isinstance(exc, Exception):
+                raise exc  # cancellation and interpreter exits are not answers
+            log.error("HTTP tool call failed inside the gateway", exc_info=exc)
+            exc = BastionError(f"internal error ({type(exc).__name__}); the call was recorded")
+        body = exc.to_json()
+        headers: dict[str, str] = {}
+        if isinstance(exc, UpstreamError):
+            body = {"decision": "allow", "error": exc.to_json()}
+        if isinstance(exc, CircuitOpen):
+            headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+        if isinstance(exc, AuthError):
+            meta = f"{self.base_url}/.well-known/oauth-protected-resource"
+            headers["www-authenticate"] = self.auth.www_authenticate(meta, exc)
+        if call is not None:
+            body["audit_id"] = call.audit_id
+        return JSONResponse(body, exc.http_status, headers=headers)
 
     async def _authenticate(self, request: Request, call: ToolCall) -> Principal:
         principal = await self.auth.authenticate(request.headers.get("authorization"), call.upstream)
@@ -128,10 +136,7 @@ class HTTPToolAPI:
             require_scopes(principal, up.cfg.required_scopes)
         return principal
 
-    async def _decide_only(self, call: ToolCall) -> Response:
-        decision = await self.pipeline.decide(call)
-        outcome = Outcome("decided" if decision.allowed else "denied", self.pipeline.elapsed_ms(call))
-        await self.pipeline.finish(call, decision, outcome)
+    def _decided(self, call: ToolCall, decision: Decision) -> Response:
         body: dict[str, Any] = {
             "decision": decision.effect,
             "reasons": [r.to_json() for r in decision.reasons],

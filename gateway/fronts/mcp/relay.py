@@ -138,7 +138,7 @@ class Relay:
     async def _sse(
         self, x: Exchange, events: AsyncIterator[Event], private: Private | None
     ) -> AsyncIterator[bytes]:
-        shared = private is not None and x.upstream.shared is not None
+        shared = private is not None  # it travelled on a shared upstream session
         try:
             async for event in events:
                 data = event.data
