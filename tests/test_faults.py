@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import pytest
 from conftest import POLICIES, free_port, make_config, running, running_gateway
+from mcp_support import mcp_client
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
-from test_spine import mcp_client
 
 from gateway import config as config_mod
 from gateway import metrics

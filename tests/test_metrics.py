@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import dead_url, free_port, make_config, running_gateway
+from mcp_support import modern_call, modern_headers
 from prometheus_client.parser import text_string_to_metric_families
-from test_spine import modern_call, modern_headers
 
 from gateway import config as config_mod
 from gateway import logs

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import free_port, running_gateway
 from mcp.shared.exceptions import MCPError
-from test_spine import MODES, audit_rows, mcp_client
+from mcp_support import MODES, audit_rows, mcp_client
 
 from gateway import config as config_mod
 from gateway.app import Gateway

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import free_port, make_config, running, running_gateway
+from mcp_support import mcp_client
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from test_spine import mcp_client
 
 from gateway.demo import demo_server
 from gateway.identity.devkeys import ensure_dev_key

@@ -22,7 +22,7 @@ from gateway.policy.context import (
 )
 from gateway.policy.engine import PolicyEngine, budget_context_type
 
-REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 REPO_SCHEMA = (REPO_POLICIES / "schema.cedarschema").read_text()
 
 
@@ -119,12 +119,14 @@ def test_integral_float_counts_as_integer(demo: PolicyEngine) -> None:
 
 def test_tools_list_filtering(demo: PolicyEngine) -> None:
     names = [t.split("/")[1] for t in DEMO_TOOLS]
-    assert demo.allowed_tools(DEV, "demo", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set(names) - {
-        "delete_note"
-    }
-    assert demo.allowed_tools(ADMIN, "demo", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set(names)
-    assert demo.allowed_tools(OUTSIDER, "demo", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set()
-    assert demo.allowed_tools(DEV, "other", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set()
+    assert demo.listable(DEV, "call_tool", "demo", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set(
+        names
+    ) - {"delete_note"}
+    assert demo.listable(ADMIN, "call_tool", "demo", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set(
+        names
+    )
+    assert demo.listable(OUTSIDER, "call_tool", "demo", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set()
+    assert demo.listable(DEV, "call_tool", "other", names, lambda t: DEMO_SETTINGS.get(t, READ)) == set()
 
 
 def test_tool_arguments_of_the_wrong_type_are_refused(demo: PolicyEngine) -> None:

@@ -16,7 +16,7 @@ from gateway.policy.cases import CaseError, discover, load_suite, run_suite
 from gateway.policy.engine import PolicyEngine, budget_context_type
 from gateway.policy.entities import load_entities
 
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 SCHEMA_TEXT = (POLICIES / "schema.cedarschema").read_text()
 SHIPPED = discover([POLICIES])
 EXAMPLES = sorted(p.name for p in (POLICIES / "examples").iterdir() if p.is_dir())
