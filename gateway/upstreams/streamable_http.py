@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
+from mcp.shared.inbound import encode_header_value
 
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.errors import ProtocolError, UpstreamError, UpstreamTimeout
 from gateway.upstreams.credentials import NoCookies, upstream_auth
-from gateway.upstreams.transport import LeanTransport
+from gateway.upstreams.transport import LeanTransport, header_value_ok
 
 log = logging.getLogger("bastion.upstream")
 
@@ -188,6 +189,9 @@ class StreamableHTTPUpstream:
             return Reply(await self.client.send(request, stream=True))
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
+        except httpx.LocalProtocolError as exc:
+            # Refused before a byte was sent: the request was malformed, the upstream is not at fault.
+            raise ProtocolError(f"the request cannot be sent upstream: {exc}") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream {self.name} unreachable: {type(exc).__name__}") from exc
 
@@ -205,9 +209,20 @@ class StreamableHTTPUpstream:
         return msg
 
     def modern_headers(self, method: str, name: str | None = None) -> dict[str, str]:
+        """The 2026-07-28 headers repeating the method (and target name); a ProtocolError (-32602)
+        when either holds what a header cannot carry, so that nothing is sent."""
+        if not header_value_ok(method):
+            raise ProtocolError(
+                "the method name holds characters that cannot be sent in a header (Mcp-Method)",
+                -32602,
+            )
         hdrs = {"mcp-protocol-version": MODERN_VERSION, "mcp-method": method}
         if name is not None:
-            hdrs["mcp-name"] = name
+            # The transport's own form for names a header cannot carry as they are (`=?base64?...?=`).
+            encoded = encode_header_value(name)
+            if not header_value_ok(encoded):
+                raise ProtocolError("the target name cannot be sent in a header (Mcp-Name)", -32602)
+            hdrs["mcp-name"] = encoded
         return hdrs
 
     async def detect(self) -> Era:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mcp.shared.inbound import decode_header_value
+
 from gateway.errors import ProtocolError
 from gateway.fronts import jsonrpc
 from gateway.upstreams.base import Upstream
@@ -51,7 +53,7 @@ def check_modern_headers(headers: Any, msg: dict[str, Any]) -> None:
         )
     params = msg.get("params") or {}
     key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
-    if key is not None and headers.get("mcp-name") != params.get(key):
+    if key is not None and decode_header_value(headers.get("mcp-name")) != params.get(key):
         raise ProtocolError(f"Mcp-Name header does not match the body's {key}", jsonrpc.HEADER_MISMATCH)
 
 
