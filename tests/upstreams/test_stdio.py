@@ -17,7 +17,7 @@ from gateway import config as config_mod
 from gateway.app import Gateway
 from gateway.upstreams.stdio import StdioUpstream
 
-SERVER = Path(__file__).with_name("stdio_server.py")
+SERVER = Path(__file__).resolve().parents[1] / "stdio_server.py"
 
 
 @pytest.fixture(scope="module")
