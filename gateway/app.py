@@ -38,9 +38,10 @@ from gateway.fronts.approvals_api import ApprovalsAPI
 from gateway.fronts.http_api import HTTPToolAPI, openapi_json
 from gateway.fronts.mcp.aggregate import AggregateFront
 from gateway.fronts.mcp.endpoint import MCPFront
-from gateway.fronts.mcp.sessions import SessionSigner, load_or_create_secret
+from gateway.fronts.mcp.sessions import SessionSigner
 from gateway.health import circuits, readiness
 from gateway.identity.authenticator import Authenticator
+from gateway.keyfiles import load_or_create_secret
 from gateway.pipeline import Pipeline, stages_in_order
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.reload import PolicyWatcher

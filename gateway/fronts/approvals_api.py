@@ -31,7 +31,7 @@ from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import ApprovalError
 from gateway.fronts.admin_api import AdminAPI
-from gateway.fronts.mcp.sessions import load_or_create_secret
+from gateway.keyfiles import load_or_create_secret
 from gateway.policy.engine import PolicyEngine
 from gateway.state.approvals import Approval, Approvals
 

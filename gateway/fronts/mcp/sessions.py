@@ -21,7 +21,6 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateway.errors import SessionError
@@ -43,17 +42,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def load_or_create_secret(path: Path) -> bytes:
-    """Read the session key, or create a random one (mode 0600) the first time."""
-    if path.exists():
-        return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    path.touch(mode=0o600)
-    path.write_bytes(key)
-    return key
 
 
 class SessionSigner:
