@@ -57,24 +57,9 @@ def denied_result(
     protocol error. Required string properties then carry the denial text; if the decision still
     does not conform, `structuredContent` is left out and only `_meta` carries it.
     """
-    reasons = (
-        "; ".join(
-            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
-            for r in decision.reasons
-        )
-        or "denied"
-    )
-    structured: dict[str, Any] = {
-        "decision": decision.effect,
-        "reasons": [r.to_json() for r in decision.reasons],
-        "audit_id": audit_id,
-    }
+    reasons, structured = explained(decision, audit_id, approval)
     if approval is not None:
-        reasons = (
-            f"approval required: {approval['approval_id']}; ask {approval['approvers']} "
-            f"({approval['approval_url']}), then make the same call again"
-        )
-        structured |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
+        reasons += ", then make the same call again"
     result: dict[str, Any] = {
         "content": [{"type": "text", "text": reasons}],
         "isError": True,
@@ -115,7 +100,22 @@ def refused_error(
 ) -> bytes:
     """A refused resource read, prompt or completion: a JSON-RPC error naming the policy and
     reason, with the decision in `data` (tool calls get a result the model can read instead)."""
-    text = "; ".join(f"denied by policy {r.policy}: {r.reason}" for r in decision.reasons) or "denied"
+    text, data = explained(decision, audit_id, approval)
+    return jsonrpc.error(msg_id, REFUSED, text, data)
+
+
+def explained(
+    decision: Decision, audit_id: str, approval: dict[str, str] | None
+) -> tuple[str, dict[str, Any]]:
+    """A refusal as text a model can read, and as data: decision, reasons, audit id (and, for a
+    held call, the approval to ask for)."""
+    text = (
+        "; ".join(
+            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
+            for r in decision.reasons
+        )
+        or "denied"
+    )
     data: dict[str, Any] = {
         "decision": decision.effect,
         "reasons": [r.to_json() for r in decision.reasons],
@@ -127,4 +127,4 @@ def refused_error(
             f"ask {approval['approvers']} ({approval['approval_url']})"
         )
         data |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
-    return jsonrpc.error(msg_id, REFUSED, text, data)
+    return text, data
