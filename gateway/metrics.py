@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -134,6 +134,21 @@ _tool_labels: set[tuple[str, str]] = set()
 _tool_lock = threading.Lock()
 
 
+UNKNOWN = "unknown"
+_upstreams: frozenset[str] = frozenset()
+
+
+def known_upstreams(names: Iterable[str]) -> None:
+    """Add the configured upstream names (and `*`, the aggregate `/mcp`) to the only values the
+    `upstream` label may take. A caller can send any name; it must not mint a series."""
+    global _upstreams
+    _upstreams = _upstreams | {*names, "*"}
+
+
+def upstream_label(upstream: str) -> str:
+    return upstream if upstream in _upstreams else UNKNOWN
+
+
 def tool_label(upstream: str, tool: str) -> str:
     """`tool`, or `_other` once `MAX_TOOL_LABELS` distinct tools have been seen (any name can be sent)."""
     key = (upstream, tool)
@@ -161,9 +176,15 @@ def process_exited(pid: int | None = None) -> None:
         multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
 
 
-def decided(upstream: str, tool: str, decision: Decision) -> None:
-    """Count a finished call's decision; a budget denial (reason `budget/<name>`) also by budget."""
-    DECISIONS.labels(decision.effect, upstream, tool_label(upstream, tool)).inc()
+def decided(upstream: str, tool: str, decision: Decision, action: str = "call_tool") -> None:
+    """Count a finished call's decision; a budget denial (reason `budget/<name>`) also by budget.
+
+    Only tools (of configured upstreams) are labelled by name; other actions by the action
+    (`read_resource`, `get_prompt`, `message`), since URIs and refused method names are the
+    caller's to choose."""
+    label = upstream_label(upstream)
+    what = tool_label(label, tool) if action == "call_tool" and label != UNKNOWN else action
+    DECISIONS.labels(decision.effect, label, what).inc()
     if decision.stage == "budget" and decision.effect == "deny":
         for reason in decision.reasons:
             if reason.policy.startswith("budget/"):

@@ -423,7 +423,7 @@ class Pipeline:
     async def finish(self, call: ToolCall, decision: Decision, outcome: Outcome) -> None:
         """Record the outcome and wait until it is durable: the pending record of a forwarded
         call is completed; any other call gets its one, final record."""
-        metrics.decided(call.upstream, call.tool, decision)
+        metrics.decided(call.upstream, call.tool, decision, call.action)
         metrics.pii_found(call.pii_input, call.pii_output)
         call.recorded = True
         final = {

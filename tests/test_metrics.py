@@ -130,6 +130,7 @@ def test_metrics_add_up_across_processes(tmp_path: Path) -> None:
     worker = (
         "from gateway import metrics\n"
         "from gateway.call import Decision\n"
+        "metrics.known_upstreams(['demo'])\n"
         "for _ in range(N): metrics.decided('demo', 'echo', Decision('allow'))\n"
     )
     for n in (2, 3):
@@ -294,3 +295,22 @@ async def test_pii_findings_are_counted_by_entity_and_direction(
         - value(before, "bastion_pii_findings_total", **found)
         == 1
     )
+
+
+async def test_caller_chosen_names_mint_no_series(
+    gateway: tuple[str, Gateway], token: Callable[..., str], http: httpx.AsyncClient
+) -> None:
+    """`/v1/tool-calls` names its upstream in the body: only configured upstreams become label
+    values, and refused methods or resource URIs are labelled by their action, not by name."""
+    base, _ = gateway
+    for i in range(5):
+        body = {"upstream": f"nope-{i}-{'x' * 40}", "tool": f"t{i}", "arguments": {}}
+        got = await http.post(
+            f"{base}/v1/tool-calls", json=body, headers={"authorization": f"Bearer {token()}"}
+        )
+        assert got.status_code in (401, 404)  # refused either way, and recorded (a decision is counted)
+    text = (await http.get(f"{base}/metrics")).text
+    assert "nope-" not in text
+    assert re.search(
+        r'bastion_decisions_total\{effect="deny",tool="[^"]*",upstream="unknown"\}', text
+    ) or re.search(r'bastion_decisions_total\{effect="deny",upstream="unknown",tool="[^"]*"\}', text)
