@@ -82,6 +82,7 @@ class Gateway:
             else StreamableHTTPUpstream(name, u)
             for name, u in cfg.upstreams.items()
         }
+        metrics.known_upstreams(cfg.upstreams)
         self.auth = Authenticator(cfg.identity, self.base_url, list(cfg.upstreams), state_url=cfg.state.url)
         self.policy: PolicyEngine | None = None
         self.tool_schemas: dict[str, Any] = {}
