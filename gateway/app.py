@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -35,11 +34,12 @@ from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.approvals_api import ApprovalsAPI
-from gateway.fronts.http_api import HTTPToolAPI, openapi_json
+from gateway.fronts.http_api import HTTPToolAPI
 from gateway.fronts.mcp.aggregate import AggregateFront
 from gateway.fronts.mcp.endpoint import MCPFront
 from gateway.fronts.mcp.sessions import SessionSigner
-from gateway.health import circuits, readiness
+from gateway.fronts.wire import RefusalLimiter
+from gateway.health import healthz, ops_routes
 from gateway.identity.authenticator import Authenticator
 from gateway.keyfiles import load_or_create_secret
 from gateway.pipeline import Pipeline, stages_in_order
@@ -153,7 +153,8 @@ class Gateway:
         self.state = await open_state(cfg.state.url)
         self.auth.api_keys.use(self.state)
         self.state_writer = await sqlite_writer(self.state)
-        budgets = BudgetStage(cfg.budgets, self.state, self.state_writer) if cfg.budgets else None
+        ids = self.auth.identities
+        budgets = BudgetStage(cfg.budgets, self.state, self.state_writer, ids) if cfg.budgets else None
         view = budgets.view if budgets else None  # context.budget, read only when a policy uses it
         policy = PolicyStage(self._policy, self.settings_for, view)
         taint = SessionTaint(self.state, cfg.pinning.refresh_s)
@@ -196,7 +197,10 @@ class Gateway:
             recheck=self.recheck_tools,
             allow_methods=frozenset(cfg.mcp.allow_methods),
         )
-        self._mcp.max_body, self._mcp.max_depth = cfg.listen.max_body_bytes, cfg.listen.max_json_depth
+        listen = cfg.listen
+        self._mcp.max_body, self._mcp.max_depth = listen.max_body_bytes, listen.max_json_depth
+        self._mcp.body_timeout_s = listen.body_timeout_s
+        self._mcp.refusals = RefusalLimiter(listen.refusals_per_s, listen.refusal_burst)
         log.info("policy set %s loaded from %s", self.policy.version, cfg.policy.dir)
         if cfg.policy.watch:
             self.policy_watcher = PolicyWatcher(
@@ -326,26 +330,6 @@ def build_app(gw: Gateway) -> Starlette:
             aggregate.append(AggregateFront(gw.mcp, gw.cfg.mcp.namespace_separator))
         return await aggregate[0](request)
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        ok, checks = await readiness(gw)
-        if gw.writer is not None:
-            metrics.AUDIT_BACKLOG.set(gw.writer.pending)
-        body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
-        body["circuits"] = circuits(gw)
-        if gw.policy_watcher is not None:
-            # A refused reload leaves a complete, validated set serving: readiness stays 200 (pulling
-            # every replica that saw the same bad file would turn a typo into an outage).
-            body["policy_reload"] = gw.policy_watcher.status().to_json()
-        return JSONResponse(body, 200 if ok else 503)
-
-    async def prometheus(request: Request) -> Response:
-        if gw.writer is not None:
-            metrics.AUDIT_BACKLOG.set(gw.writer.pending)
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
     async def resource_metadata(request: Request) -> Response:
         """RFC 9728 protected-resource metadata, per upstream resource URI (MCP authorization)."""
         upstream = request.path_params.get("upstream")
@@ -368,17 +352,13 @@ def build_app(gw: Gateway) -> Starlette:
             metadata["authorization_servers"] = servers
         return JSONResponse(metadata)
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        """Unknown paths get JSON: clients probe OAuth/OIDC discovery URLs and parse the answer."""
-        why = f"no such endpoint: {request.url.path[:200]}"
-        return JSONResponse({"error": "not_found", "message": why}, 404)
-
     api: list[HTTPToolAPI] = []  # built on first use: the MCP front exists once the gateway started
 
     def http_api() -> HTTPToolAPI:
         if not api:
             mcp = gw.mcp
-            api.append(HTTPToolAPI(mcp.pipeline, gw.auth, gw.base_url, mcp.max_body, mcp.max_depth))
+            limits = (mcp.max_body, mcp.max_depth, mcp.body_timeout_s)
+            api.append(HTTPToolAPI(mcp.pipeline, gw.auth, gw.base_url, limits, mcp.refusals))
         return api[0]
 
     async def tool_calls(request: Request) -> Response:
@@ -386,11 +366,6 @@ def build_app(gw: Gateway) -> Starlette:
 
     async def decisions(request: Request) -> Response:
         return await http_api().decisions(request)
-
-    spec = openapi_json(gw.base_url)
-
-    async def openapi(request: Request) -> Response:
-        return Response(spec, media_type="application/json")
 
     admin: list[AdminAPI] = []
 
@@ -417,14 +392,26 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/budgets", budgets),
         Route("/v1/tool-calls", tool_calls, methods=["POST"]),
         Route("/v1/decisions", decisions, methods=["POST"]),
-        Route("/openapi.json", openapi),
         Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", prometheus),
         Route("/.well-known/oauth-protected-resource", resource_metadata),
         Route("/.well-known/oauth-protected-resource/mcp/{upstream}", resource_metadata),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found})
+    if gw.cfg.ops.listen is None:
+        routes += ops_routes(gw)
+    return Starlette(routes=routes, exception_handlers={404: _not_found})
+
+
+def build_ops_app(gw: Gateway) -> Starlette:
+    """The `ops.listen` listener: `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and nothing
+    else, so that what they tell can be kept off the network the agents reach."""
+    routes = [Route("/healthz", healthz), *ops_routes(gw)]
+    return Starlette(routes=routes, exception_handlers={404: _not_found})
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """Unknown paths get JSON: clients probe OAuth/OIDC discovery URLs and parse the answer."""
+    why = f"no such endpoint: {request.url.path[:200]}"
+    return JSONResponse({"error": "not_found", "message": why}, 404)
 
 
 def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -473,10 +460,36 @@ def hold_stop_signals() -> dict[int, Any]:
     return {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _bind_ops(cfg: Config, reuse_port: bool) -> socket.socket:
+    ops = cfg.ops.listen
+    assert ops is not None
+    try:
+        return bind(ops.host, ops.port, reuse_port)
+    except OSError as exc:
+        raise ConfigError(f"ops.listen: cannot bind {ops.host}:{ops.port}: {exc.strerror or exc}") from exc
+
+
+async def serve_all(listeners: Sequence[tuple[uvicorn.Server, socket.socket]]) -> None:
+    """Serve every listener until one stops (a signal stops them all), then stop the others."""
+    tasks = [asyncio.ensure_future(server.serve(sockets=[sock])) for server, sock in listeners]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for server, _ in listeners:
+            server.should_exit = True
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 async def serve(
     cfg: Config, sockets: Sequence[socket.socket] | None = None, *, reuse_port: bool = False
 ) -> None:
-    """Start the gateway, serve until stopped, then flush the audit trail and close clients."""
+    """Start the gateway, serve until stopped, then flush the audit trail and close clients.
+
+    It serves `listen`, and `ops.listen` when set (`sockets`: already bound ones, in that order);
+    a stop signal, or either listener ending, stops both."""
     gw = Gateway(cfg)
     held = hold_stop_signals()
     try:
@@ -486,7 +499,11 @@ async def serve(
         gc.collect()
         gc.freeze()
         sock = sockets[0] if sockets else bind(cfg.listen.host, cfg.listen.port, reuse_port)
-        await server_for(build_app(gw), sock, "info").serve(sockets=[sock])
+        listeners = [(server_for(build_app(gw), sock, "info"), sock)]
+        if cfg.ops.listen is not None:
+            ops_sock = sockets[1] if sockets and len(sockets) > 1 else _bind_ops(cfg, reuse_port)
+            listeners.append((server_for(build_ops_app(gw), ops_sock, "info"), ops_sock))
+        await serve_all(listeners)
     finally:
         await gw.stop()
         for sig, handler in held.items():

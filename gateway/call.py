@@ -31,12 +31,17 @@ RESULT_FIELDS = ("content", "structuredContent", "contents", "messages", "comple
 values): redaction and the injection scan cover these; `_meta` and the rest are protocol."""
 
 
+API_KEY_ISSUER = "bastion:api-key"
+"""The `issuer` of every principal authenticated by an API key: API keys are an issuer of their own."""
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is asking: made once by the identity stage from a verified credential, never re-parsed.
 
     `agent` is the software acting (OAuth `azp`/`client_id`), `delegation_chain` the `act` claims
     (RFC 8693), the current actor first, so a policy can tell "alice" from "an agent for alice".
+    `id` names the user wherever one is named (see `Identities`); left empty, it is `sub`.
     """
 
     sub: str
@@ -50,11 +55,94 @@ class Principal:
     scopes: frozenset[str] = frozenset()
     """Effective OAuth scopes: a delegate never holds more than its delegator."""
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    id: str = ""
+    """The user as Cedar (`User::"<id>"`), budgets, admin rights, approvals and the audit name it,
+    set by the Authenticator from (issuer, sub) so that nobody derives it again."""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.sub)
 
     @property
     def key(self) -> str:
         """A stable identity across tokens: the same subject of the same issuer."""
         return f"{self.issuer}\x00{self.sub}"
+
+
+@dataclass(frozen=True, slots=True)
+class Identities:
+    """How a verified (issuer, subject) becomes a user id, and how config entries name one.
+
+    Subjects are unique only within their issuer, so ids are qualified: `<issuer>#<sub>`. The first
+    issuer (of `identity.issuers`; API keys come after every configured issuer) keeps bare
+    subjects, so a deployment with one issuer names its users as before. Issuers grouped in
+    `same` are one identity on purpose: each of them names its users as the group's earliest
+    issuer does. A bare subject that would read as a qualified id (`<known issuer>#...`) is
+    qualified too, so that no two (issuer, subject) pairs share an id by accident.
+    """
+
+    issuers: tuple[str, ...] = ()
+    """The configured issuers, in configuration order."""
+    same: tuple[tuple[str, ...], ...] = ()
+    """Groups of issuers whose subjects are the same users (`identity.same_identity`)."""
+    _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _canonical: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """ValueError for what would make ids ambiguous (the message names the issuer)."""
+        for name in self.issuers:
+            if name == API_KEY_ISSUER or "#" in name:
+                raise ValueError(f"issuer {name!r}: an issuer may not be {API_KEY_ISSUER} nor contain '#'")
+        order = (*self.issuers, API_KEY_ISSUER)
+        rank = {name: i for i, name in enumerate(order)}
+        canonical: dict[str, str] = {}
+        for group in self.same:
+            if len(group) < 2:
+                raise ValueError("a group of issuers needs at least two of them")
+            if unknown := [name for name in group if name not in rank]:
+                raise ValueError(f"{unknown[0]!r} is neither a configured issuer nor {API_KEY_ISSUER}")
+            earliest = min(group, key=rank.__getitem__)
+            for name in group:
+                if name in canonical:
+                    raise ValueError(f"issuer {name!r} is named twice")
+                canonical[name] = earliest
+        object.__setattr__(self, "_order", order)
+        object.__setattr__(self, "_canonical", canonical)
+
+    @property
+    def first(self) -> str:
+        """The issuer whose subjects are ids as they are."""
+        return self._order[0]
+
+    def id_of(self, issuer: str, sub: str) -> str:
+        """The id of `sub` of `issuer`: bare for the first issuer (and those grouped with it)."""
+        issuer = self._canonical.get(issuer, issuer)
+        if issuer == self.first and self._issuer_of(sub) is None:
+            return sub
+        return f"{issuer}#{sub}"
+
+    def resolve(self, entry: str) -> str:
+        """The id a config entry names: `<issuer>#<subject>`, or a bare subject of the first issuer.
+
+        ValueError for `x#y` where `x` is not a known issuer: a mistyped issuer would otherwise
+        name nobody, silently (a subject containing `#` is written `<first issuer>#<subject>`)."""
+        if not entry:
+            raise ValueError("a user entry must not be empty")
+        issuer = self._issuer_of(entry)
+        if issuer is not None:
+            if len(entry) == len(issuer) + 1:
+                raise ValueError(f"{entry!r}: no subject after the issuer")
+            return self.id_of(issuer, entry[len(issuer) + 1 :])
+        if "#" in entry:
+            raise ValueError(
+                f"{entry!r}: {entry.split('#', 1)[0]!r} is not a configured issuer (nor {API_KEY_ISSUER});"
+                f" write <issuer>#<subject>, or {self.first}#<subject> for a subject containing '#'"
+            )
+        return self.id_of(self.first, entry)
+
+    def _issuer_of(self, text: str) -> str | None:
+        name, sep, _ = text.partition("#")
+        return name if sep and name in self._order else None
 
 
 @dataclass(frozen=True, slots=True)

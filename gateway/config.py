@@ -17,9 +17,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.call import Identities
 from gateway.errors import ConfigError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_HOST_NAME = r"^\.?[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*$"
 
 
 class _Strict(BaseModel):
@@ -33,10 +35,21 @@ class ListenConfig(_Strict):
     """Canonical external URL: RFC 9728 metadata and default token audiences. Default http://host:port."""
     allowed_origins: list[str] = []
     """Browser origins allowed to call Bastion besides its own (DNS-rebinding defence)."""
+    allowed_hosts: list[Annotated[str, Field(pattern=_HOST_NAME, max_length=254)]] = []
+    """`Host` names accepted on `/metrics`, `/readyz` and `/openapi.json` besides public_url's (and
+    `localhost` and IP addresses, which DNS rebinding cannot produce); `.example.com` also accepts
+    its subdomains. Any other name is answered 421 (DNS-rebinding defence)."""
     max_body_bytes: int = Field(1_048_576, gt=0, le=64 * 1_048_576)
     """Largest request body accepted; a bigger one is refused with 413."""
     max_json_depth: int = Field(64, ge=2, le=512)
     """Deepest nesting of objects/arrays accepted in a request body; deeper is refused with 400."""
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Longest a request body may take to arrive (slowloris); slower is refused with 408."""
+    refusals_per_s: float = Field(5.0, gt=0)
+    """Refused credentials recorded per second per source address (a token bucket); beyond it
+    the caller gets 429 and nothing is written, so a flood of bad tokens cannot fill the trail."""
+    refusal_burst: int = Field(50, ge=1)
+    """How many refused credentials in a row a source may send before `refusals_per_s` applies."""
     workers: int = Field(1, ge=1, le=64)
     """Gateway processes serving this port (`SO_REUSEPORT`), supervised by `bastion serve`
     (gateway/workers.py). More than one wants PostgreSQL for `state.url` and `audit.url`."""
@@ -112,6 +125,26 @@ class IdentityConfig(_Strict):
     scopes_supported: list[str] = []
     """Scopes listed in the RFC 9728 metadata, besides every upstream's required_scopes."""
     api_keys: list[ApiKeyConfig] = []
+    same_identity: list[list[str]] = []
+    """Groups of issuers (`bastion:api-key` included) whose equal subjects are one user on purpose:
+    the same Cedar id, budgets and admin rights (docs/identity.md)."""
+
+    @model_validator(mode="after")
+    def _ids_are_unambiguous(self) -> IdentityConfig:
+        issuers = tuple(i.issuer for i in self.issuers)
+        try:
+            Identities(issuers)
+        except ValueError as exc:
+            raise ValueError(f"issuers: {exc}") from None
+        try:
+            Identities(issuers, tuple(map(tuple, self.same_identity)))
+        except ValueError as exc:
+            raise ValueError(f"same_identity: {exc}") from None
+        return self
+
+    def identities(self) -> Identities:
+        """The rule naming users by (issuer, subject), for this issuer order and grouping."""
+        return Identities(tuple(i.issuer for i in self.issuers), tuple(map(tuple, self.same_identity)))
 
 
 class PolicyConfig(_Strict):
@@ -220,6 +253,9 @@ class UpstreamConfig(_Strict):
     """Scopes a caller's token must carry to use this upstream; else 403 insufficient_scope."""
     timeout_s: float = Field(30, gt=0)
     connect_timeout_s: float = Field(5, gt=0)
+    max_response_bytes: int = Field(4 * 1_048_576, ge=1024, le=1024 * 1_048_576)
+    """Largest answer read from this upstream: a JSON body, a whole SSE answer to a request, or one
+    event of a long-lived stream. A bigger one is a failure of the upstream (nothing is relayed)."""
     http_client: Literal["lean", "httpx"] = "lean"
     """streamable-http: `lean` (keep-alive HTTP/1.1 pool for http:// URLs) or httpx's default pool."""
     retries: RetryConfig | None = None
@@ -299,6 +335,7 @@ class BudgetMatch(_Strict):
     """`<upstream>/<tool>`, `<upstream>/*` or `*`."""
     upstreams: list[str] = []
     users: list[str] = []
+    """A bare subject of the first issuer, or `<issuer>#<subject>` (docs/identity.md)."""
     groups: list[str] = []
     tenants: list[str] = []
     agents: list[str] = []
@@ -400,7 +437,8 @@ class RedactionConfig(_Strict):
 
 
 class AdminConfig(_Strict):
-    """Who may use the admin API (`/v1/budgets`): verified principals in these groups or subjects.
+    """Who may use the admin API (`/v1/budgets`, approvals): verified principals in these groups
+    or these users (a bare subject of the first issuer, or `<issuer>#<subject>`).
 
     Both empty (the default) disables the admin API: it answers 403 to everyone."""
 
@@ -485,6 +523,23 @@ class McpConfig(_Strict):
     record (vendor extensions). Every other unlisted method is refused and recorded."""
 
 
+class OpsListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+
+class OpsConfig(_Strict):
+    """Who may read `/metrics`, `/readyz` and `/openapi.json`, and where (docs/operations.md).
+
+    They name upstreams, tools and policy versions. `/healthz` says nothing and stays open."""
+
+    auth: Literal["none", "admin"] = "none"
+    """`admin`: only an admin (`admin.groups` / `admin.subjects`, as the admin API) may read them.
+    `none` suits the default loopback bind, where Prometheus scrapes without a token."""
+    listen: OpsListenConfig | None = None
+    """Serve them on this listener only, and not on `listen`'s (keep it off the agents' network)."""
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     identity: IdentityConfig = IdentityConfig()
@@ -501,6 +556,7 @@ class Config(_Strict):
     sessions: SessionsConfig = SessionsConfig()
     pinning: PinningConfig = PinningConfig()
     mcp: McpConfig = McpConfig()
+    ops: OpsConfig = OpsConfig()
     logging: LoggingConfig = LoggingConfig()
     data_dir: Path = Path(".bastion")
     """Where generated keys (dev signing key, session secret, audit HMAC key) are kept."""
@@ -514,13 +570,48 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _users_are_named_by_known_issuers(self) -> Config:
+        ids = self.identity.identities()
+        named = [(f"admin.subjects.{i}", s) for i, s in enumerate(self.admin.subjects)]
+        for b, rule in enumerate(self.budgets):
+            named += [(f"budgets.{b}.match.users.{i}", u) for i, u in enumerate(rule.match.users)]
+        for where, entry in named:
+            try:
+                ids.resolve(entry)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _separator_not_in_upstream_names(self) -> Config:
+        """Keep `<upstream><sep><tool>` readable one way only: with `notes_` and `__`, `notes___x`
+        could be `notes_` + `_x` or `notes` + `__x`."""
         sep = self.mcp.namespace_separator
         if clash := sorted(n for n in self.upstreams if sep in n):
             raise ValueError(
                 f"mcp.namespace_separator {sep!r} appears in upstream name(s) {', '.join(clash)}: "
                 "rename them or choose another separator"
             )
+        if edge := sorted(n for n in self.upstreams if n[0] in sep or n[-1] in sep):
+            keys = ", ".join(f"upstreams.{n}" for n in edge)
+            raise ValueError(
+                f"{keys}: an upstream name may not begin or end with a character of "
+                f"mcp.namespace_separator {sep!r} (tool names on /mcp would read two ways): rename "
+                "the upstream, or choose another mcp.namespace_separator"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ops_listener_apart(self) -> Config:
+        ops = self.ops.listen
+        if ops is not None and ops.port != 0 and ops.port == self.listen.port:
+            raise ValueError("ops.listen.port: it is listen.port, the agents' listener: choose another port")
+        if ops is not None and ops.port == 0 and self.listen.workers > 1:
+            raise ValueError(
+                "ops.listen.port: workers > 1 needs a fixed port: every worker binds the same one"
+            )
+        if self.ops.auth == "admin" and not (self.admin.groups or self.admin.subjects):
+            raise ValueError("ops.auth: admin needs admin.groups or admin.subjects (nobody could read them)")
         return self
 
 
@@ -604,6 +695,9 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
+        if not err["loc"] and err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            lines.append(str(err["ctx"]["error"]))  # checks across sections name their keys themselves
+            continue
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":

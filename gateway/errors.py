@@ -6,13 +6,15 @@
     │   └── InsufficientScope 403, error="insufficient_scope" and the scope needed
     ├── ForbiddenError       403: a foreign Origin, a session presented by another principal
     ├── ProtocolError        400: not one JSON-RPC message, duplicate keys, header/body mismatch
-    │   └── PayloadTooLarge  413: a body over listen.max_body_bytes
+    │   ├── PayloadTooLarge  413: a body over listen.max_body_bytes
+    │   └── BodyTimeout      408: a body slower than listen.body_timeout_s
     ├── SessionError         400 missing / 404 unknown or expired MCP session
     ├── UpstreamError        502: the tool server failed or could not be reached
     │   ├── UpstreamTimeout  504
     │   ├── BrokenReply      502: it answered, unusably (malformed, empty, cut off): the tool may have run
     │   ├── CircuitOpen      503: the upstream's breaker is open, the call was not sent
     │   └── DeadLetter       502/504: an idempotent call failed on every retry
+    ├── TooManyRefusals      429: this address sent too many refused credentials; nothing recorded
     ├── AuditUnavailable     503: the audit store cannot record, so nothing is forwarded
     ├── PinsUnavailable      503: the tool pins (state DB) cannot be read, so no tool is listed
     ├── StateUnavailable     503: the state DB cannot say whether a call_id ran, so it is not forwarded
@@ -90,6 +92,23 @@ class ProtocolError(BastionError):
 class PayloadTooLarge(ProtocolError):
     code = "payload_too_large"
     http_status = 413
+
+
+class BodyTimeout(ProtocolError):
+    code = "request_timeout"
+    http_status = 408
+
+
+class TooManyRefusals(BastionError):
+    """A source address over `listen.refusals_per_s` refused credentials: answered, not recorded."""
+
+    code = "too_many_refusals"
+    http_status = 429
+    jsonrpc_code = -32001
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SessionError(BastionError):

@@ -1,7 +1,8 @@
 """Logging: one structured line per governed call, and the process-wide log setup.
 
-The call line carries who, what and how it ended (trace id, audit id, user, agent, upstream,
-tool, effect, deciding stage and policy ids, status, latency) and nothing the caller sent:
+The call line carries who, what and how it ended (trace id, audit id, user (`Principal.id`, as
+in the audit record), agent, upstream, tool, effect, deciding stage and policy ids, status,
+latency) and nothing the caller sent:
 no arguments, no results, no tokens, no upstream error text (an upstream may echo arguments in
 its errors). The audit record, not the log, is the place for the call's contents.
 
@@ -87,7 +88,7 @@ def call_finished(call: ToolCall, decision: Decision, outcome: Outcome) -> None:
         extra={
             "trace_id": call.trace_id,
             "audit_id": call.audit_id,
-            "user": p.sub if p else None,
+            "user": p.id if p else None,
             "agent": p.agent if p else None,
             "upstream": call.upstream,
             "tool": call.tool,

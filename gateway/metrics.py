@@ -87,10 +87,21 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="livemax",
 )
 AUTH_FAILURES = Counter("bastion_auth_failures", "Requests refused with 401", registry=REGISTRY)
+REFUSALS_SUPPRESSED = Counter(
+    "bastion_refusals_suppressed",
+    "Refused credentials answered 429 and not recorded: the source was over listen.refusals_per_s",
+    registry=REGISTRY,
+)
 CORRELATION_REFUSED = Counter(
     "bastion_mcp_correlation_refused",
     "Cancellations and answers to server requests dropped: not about the sender's own requests",
     ["kind"],
+    registry=REGISTRY,
+)
+TOOLS_OMITTED = Counter(
+    "bastion_mcp_tools_omitted",
+    "Tools left out of tools/list on /mcp: their namespaced name would read two ways",
+    ["upstream", "reason"],
     registry=REGISTRY,
 )
 AUDIT_FAILURES = Counter(

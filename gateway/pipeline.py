@@ -730,7 +730,7 @@ class Pipeline:
             instance=self._instance,
             trace_id=call.trace_id,
             call_id=call.call_id,
-            user=p.sub if p else None,
+            user=p.id if p else None,
             tenant=p.tenant if p else None,
             agent=p.agent if p else None,
             delegation_chain=list(p.delegation_chain) if p else [],
@@ -739,7 +739,7 @@ class Pipeline:
             upstream=call.upstream,
             tool=call.tool,
             action=call.action,
-            args_redacted=shape_of(call.arguments) if call.redacted_args is None else call.redacted_args,
+            args_redacted=_stored_args(call),
             args_hmac=args_hmac(self._hmac_key, call.arguments),
             decision=decision.to_json(),
             budget=call.budget,
@@ -747,6 +747,15 @@ class Pipeline:
             outcome=outcome,
             result_sha256=result_sha256,
         )
+
+
+def _stored_args(call: ToolCall) -> Any:
+    """The arguments as the record keeps them: redacted, else their shape. A call refused before
+    anyone was identified keeps a fixed-size summary: an anonymous caller must not be able to
+    make the trail store as much as it sends."""
+    if call.principal is None:
+        return {"unauthenticated": True, "arguments": len(call.arguments)}
+    return shape_of(call.arguments) if call.redacted_args is None else call.redacted_args
 
 
 def _pii(call: ToolCall) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def supervise(cfg: Config, config_path: Path) -> int:
     prepared (before any worker starts)."""
     n = cfg.listen.workers
     _port_free(cfg.listen.host, cfg.listen.port)
+    if cfg.ops.listen is not None:  # every worker binds it too, with SO_REUSEPORT
+        _port_free(cfg.ops.listen.host, cfg.ops.listen.port, "ops.listen.port")
     asyncio.run(_prepare(cfg))
     env = dict(os.environ)
     own_metrics_dir = None
@@ -136,11 +138,11 @@ async def _prepare(cfg: Config) -> None:
     await engine.dispose()
 
 
-def _port_free(host: str, port: int) -> None:
+def _port_free(host: str, port: int, key: str = "listen.port") -> None:
     """Refuse a port another process holds: every worker would fail to bind it and be restarted
     for good, while the port answers for someone else (`SO_REUSEPORT` would even let another
     process of this user take a share of the connections)."""
-    taken = f"listen.port: {host}:{port} is already in use by another process"
+    taken = f"{key}: {host}:{port} is already in use by another process"
     if _listening(host, port):
         raise ConfigError(taken)
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -9,6 +9,7 @@ import hmac
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from conftest import POLICIES, REPO, free_port, running, running_gateway
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from audit.record import canonical_json, new_id
 from gateway import config as config_mod
 from gateway.app import Gateway
 from gateway.call import Principal, ToolCall
@@ -77,10 +79,17 @@ class Env:
         return self.key.mint(sub, groups=groups, audience=aud)
 
     async def pay(
-        self, http: httpx.AsyncClient, amount: int, to: str = "acme", sub: str = "fin"
+        self,
+        http: httpx.AsyncClient,
+        amount: int,
+        to: str = "acme",
+        sub: str = "fin",
+        claims: dict[str, Any] | None = None,
     ) -> httpx.Response:
+        """Pay as `sub` of finance; `claims` adds to the token (`azp`: the agent, `act`: a chain)."""
         body = {"upstream": "bank", "tool": "pay", "arguments": {"amount": amount, "to": to}}
-        headers = {"authorization": f"Bearer {self.token(sub, ('finance',))}"}
+        token = self.key.mint(sub, groups=("finance",), audience=f"{self.base}/mcp/bank", extra=claims)
+        headers = {"authorization": f"Bearer {token}"}
         return await http.post(f"{self.base}/v1/tool-calls", json=body, headers=headers)
 
     def admin(self, sub: str = "root", groups: tuple[str, ...] = ("admins",)) -> dict[str, str]:
@@ -396,3 +405,78 @@ async def test_a_twin_request_does_not_hide_an_approval(env: Env, http: httpx.As
     refused = await env.pay(http, 520, "twins")
     assert refused.status_code == 403, refused.text
     assert EXECUTED[before:] == [{"amount": 510, "to": "twins"}]
+
+
+async def test_an_approval_is_for_one_agent_and_delegation_chain(env: Env, http: httpx.AsyncClient) -> None:
+    """Approved for "fin via agent-a, acting for planner": fin through another agent, another
+    chain, or fin directly, is another call, held on its own request; the identical call runs."""
+    before = len(EXECUTED)
+    via_a = {"azp": "agent-a", "act": {"sub": "planner"}}
+    approval = held_id(await env.pay(http, 730, "agents", claims=via_a))
+    ok = await http.post(f"{env.base}/v1/approvals/{approval}/approve", headers=env.admin())
+    assert ok.status_code == 200, ok.text
+    others: list[dict[str, Any]] = [
+        {"azp": "agent-b", "act": {"sub": "planner"}},  # another agent
+        {"azp": "agent-a", "act": {"sub": "scheduler"}},  # another chain
+        {"azp": "agent-a", "act": {"sub": "planner", "act": {"sub": "scheduler"}}},  # a longer one
+        {"azp": "agent-a"},  # no chain
+        {},  # fin directly
+    ]
+    for claims in others:
+        assert held_id(await env.pay(http, 730, "agents", claims=claims)) != approval, claims
+    assert len(EXECUTED) == before
+    shown = (await http.get(f"{env.base}/v1/approvals/{approval}", headers=env.admin())).json()
+    assert shown["status"] == "approved" and shown["agent"] == "agent-a"
+
+    ran = await env.pay(http, 730, "agents", claims=via_a)
+    assert ran.status_code == 200, ran.text
+    assert EXECUTED[before:] == [{"amount": 730, "to": "agents"}]
+
+
+async def test_an_approval_stored_before_agents_were_bound_is_never_used(
+    env: Env, http: httpx.AsyncClient
+) -> None:
+    """A request stored with the binding of earlier versions (principal, tool and arguments only)
+    cannot say which agent asked: it is expired, recorded, and the identical call is held anew."""
+    assert env.gw.state is not None
+    fin = Principal(sub="fin", issuer=DEV_ISSUER)
+    now = int(time.time() * 1000)
+
+    async def stored(status: str, amount: int) -> str:
+        binding = hashlib.sha256(canonical_json([fin.key, "bank", "pay", {"amount": amount, "to": "old"}]))
+        row = {
+            "id": new_id(),
+            "binding": binding.hexdigest(),
+            "status": status,
+            "subject": "fin",
+            "issuer": DEV_ISSUER,
+            "upstream": "bank",
+            "tool": "pay",
+            "args_shown": "{}",
+            "reasons": "[]",
+            "audit_id": new_id(),
+            "created_ms": now,
+            "expires_ms": now + 600_000,
+        }
+        assert env.gw.state is not None
+        async with env.gw.state.begin() as conn:
+            await conn.execute(insert(approvals_table).values(**row))
+        return str(row["id"])
+
+    before = len(EXECUTED)
+    approved = await stored("approved", 740)
+    pending = await stored("pending", 741)
+    page = await http.get(f"{env.base}/approvals/{pending}", headers=env.admin())
+    assert "<form" not in page.text and "expired" in page.text  # nothing left to decide
+    late = await http.post(f"{env.base}/v1/approvals/{pending}/approve", headers=env.admin())
+    assert late.status_code == 409 and "expired" in late.json()["message"]
+
+    assert held_id(await env.pay(http, 740, "old")) != approved
+    assert len(EXECUTED) == before
+    for old in (approved, pending):
+        shown = (await http.get(f"{env.base}/v1/approvals/{old}", headers=env.admin())).json()
+        assert shown["status"] == "expired"
+    records = await env.audit()
+    expired = next(r for r in records if r["call_id"] == approved and r["action"] == "approve")
+    assert expired["outcome"]["status"] == "expired"
+    assert "without the agent and delegation chain" in expired["decision"]["reasons"][0]["reason"]

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from gateway.config import Config
+from gateway.errors import ConfigError
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -15,7 +16,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="budgets_command", required=True
     )
     show = budgets.add_parser("show", parents=[common], help="usage in the current window")
-    show.add_argument("--user", help="only counters of this user (token subject)")
+    show.add_argument(
+        "--user", help="only counters of this user: a subject of the first issuer, or ISSUER#SUBJECT"
+    )
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(func=cmd_show)
 
@@ -38,7 +41,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not cfg.budgets:
         print("no budgets are configured")
         return 0
-    rows = asyncio.run(_usage(cfg, args.user))
+    try:
+        user = None if args.user is None else cfg.identity.identities().resolve(args.user)
+    except ValueError as exc:
+        raise ConfigError(f"--user: {exc}") from None
+    rows = asyncio.run(_usage(cfg, user))
     if args.json:
         for row in rows:
             print(json.dumps(row))

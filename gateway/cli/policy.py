@@ -159,6 +159,7 @@ def _parse_args(text: str) -> dict[str, Any]:
 
 def _principal_json(p: Principal) -> dict[str, Any]:
     return {
+        "id": p.id,
         "sub": p.sub,
         "issuer": p.issuer,
         "groups": sorted(p.groups),
@@ -270,8 +271,9 @@ def render(result: Mapping[str, Any]) -> str:
     ]
     p = result.get("principal")
     if p:
+        named = "" if p["id"] == p["sub"] else f" (sub {json.dumps(p['sub'])} of {p['issuer']})"
         lines.append(
-            f"principal: User::{json.dumps(p['sub'])} groups={p['groups']} roles={p['roles']} "
+            f"principal: User::{json.dumps(p['id'])}{named} groups={p['groups']} roles={p['roles']} "
             f"tenant={p['tenant']} agent={p['agent']} chain={p['delegation_chain']} scopes={p['scopes']}"
         )
     lines.append(f"decision:  {decision['effect'].upper()} (decided by stage: {decision['stage']})")

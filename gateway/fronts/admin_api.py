@@ -2,8 +2,10 @@
 
     GET /v1/budgets[?user=U]   current-window budget usage (as `bastion budgets show`)
 
-A caller must present a valid token (audience: the gateway's public URL) of a principal listed
-in `admin.groups` or `admin.subjects`; with neither configured, the admin API is closed.
+A caller must present a valid token meant for the gateway itself (audience: its public URL; a
+token for an upstream's resource URI is refused with 401) of a principal in `admin.groups` or
+named in `admin.subjects` (by its id, see docs/identity.md); with neither configured, the admin
+API is closed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.call import Principal
 from gateway.config import Config
-from gateway.errors import AuthError
+from gateway.errors import AuthError, ConfigError
 from gateway.identity.authenticator import Authenticator
 from gateway.stages.budget import usage
 
@@ -25,6 +27,13 @@ class AdminAPI:
         self.auth = auth
         self.state = state
         self.base_url = base_url
+        try:
+            admins = frozenset(auth.identities.resolve(s) for s in cfg.admin.subjects)
+        except ValueError as exc:
+            raise ConfigError(f"admin.subjects: {exc}") from None
+        self.admins = admins
+        """The ids `admin.subjects` name: an API key or another issuer's user with an admin's
+        subject is not that admin."""
 
     async def _admin(self, request: Request) -> Response | None:
         """None when the caller is an admin; otherwise the 401/403 to answer."""
@@ -34,13 +43,13 @@ class AdminAPI:
     async def admin_principal(self, request: Request) -> Principal | Response:
         """The calling admin, or the 401/403 to answer."""
         try:
-            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            principal = await self.auth.authenticate(request.headers.get("authorization"), gateway_only=True)
         except AuthError as err:
             meta = f"{self.base_url}/.well-known/oauth-protected-resource"
             headers = {"www-authenticate": self.auth.www_authenticate(meta, err)}
             return JSONResponse(err.to_json(), err.http_status, headers=headers)
         admin = self.cfg.admin
-        if principal.sub in admin.subjects or principal.groups.intersection(admin.groups):
+        if principal.id in self.admins or principal.groups.intersection(admin.groups):
             return principal
         why = (
             "not an admin (admin.groups / admin.subjects)"
@@ -55,4 +64,9 @@ class AdminAPI:
         if self.state is None or not self.cfg.budgets:
             return JSONResponse({"budgets": []})
         user = request.query_params.get("user")
+        if user is not None:
+            try:
+                user = self.auth.identities.resolve(user)
+            except ValueError as exc:
+                return JSONResponse({"error": "invalid_request", "message": f"user: {exc}"}, 400)
         return JSONResponse({"budgets": await usage(self.state, self.cfg.budgets, user)})

@@ -11,11 +11,14 @@ Two checks, both required: the caller is an admin (`admin.groups` / `admin.subje
 bearer-token check as every admin endpoint), and Cedar permits `Action::"approve"` for that
 principal on the held call's tool. Nobody approves their own call. The page has no JavaScript;
 its form carries a token bound to the approval and the approver (HMAC), and a cross-origin POST
-is refused.
+(an `Origin` other than Bastion's own, `null` included) is refused. Every answer forbids framing
+(`X-Frame-Options`, CSP `frame-ancestors`), so no other site can overlay the approve button, and
+its CSP allows nothing but the page's own style and a form posted back to Bastion.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import html
@@ -48,6 +51,23 @@ class Host(Protocol):
 
 
 MAX_BODY = 16_384
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:60em}th{text-align:left;padding-right:1em}"
+    "pre{background:#f4f4f4;padding:1em}.msg{font-weight:bold}"
+)
+_STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
+HEADERS = {
+    "content-security-policy": (
+        f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+"""Sent with every answer: the page shows arguments and carries a form token, so it is never
+framed, cached, or allowed to load or send anything anywhere else."""
 
 
 class ApprovalsAPI:
@@ -62,6 +82,11 @@ class ApprovalsAPI:
         return self.gw.approvals
 
     async def __call__(self, request: Request) -> Response:
+        response = await self._answer(request)
+        response.headers.update(HEADERS)
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         found = await self.admin.admin_principal(request)
         if isinstance(found, Response):
             return found
@@ -107,11 +132,11 @@ class ApprovalsAPI:
         if verdict.effect != "allow":
             why = "; ".join(f"{r.policy}: {r.reason}" for r in verdict.reasons) or "no policy permits it"
             raise ApprovalError(
-                f"{principal.sub} may not approve calls to {approval.upstream}/{approval.tool} ({why})", 403
+                f"{principal.id} may not approve calls to {approval.upstream}/{approval.tool} ({why})", 403
             )
-        if (principal.issuer, principal.sub) == (approval.issuer, approval.subject):
+        if approval.made_by(principal, self.admin.auth.identities):
             raise ApprovalError("nobody may approve or deny their own call", 403)
-        return await self.approvals.decide(approval.id, approve, principal.sub, reason)
+        return await self.approvals.decide(approval.id, approve, principal.id, reason)
 
     def _form_token(self, approval: Approval, principal: Principal) -> str:
         msg = f"{approval.id}\x00{principal.key}".encode()
@@ -119,8 +144,11 @@ class ApprovalsAPI:
 
     async def _form(self, request: Request, approval: Approval, principal: Principal) -> Response:
         origin = request.headers.get("origin")
-        if origin is not None and origin != "null" and not self._same_origin(origin):
-            raise ApprovalError("cross-origin form posts are refused", 403)
+        if origin is not None and not self._same_origin(origin):
+            raise ApprovalError(f"cross-origin form posts are refused (Origin: {origin[:100]})", 403)
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site != "same-origin":
+            raise ApprovalError(f"cross-origin form posts are refused (Sec-Fetch-Site: {site[:40]})", 403)
         body = await request.body()
         if len(body) > MAX_BODY:
             raise ApprovalError("the form is too large", 413)
@@ -133,7 +161,7 @@ class ApprovalsAPI:
             raise ApprovalError("decision must be approve or deny", 400)
         reason = (fields.get("reason") or [""])[0].strip() or None
         decided = await self._decide(approval, principal, verb == "approve", reason)
-        return self._page(decided, principal, f"{decided.status} by {principal.sub}")
+        return self._page(decided, principal, f"{decided.status} by {principal.id}")
 
     def _same_origin(self, origin: str) -> bool:
         base = urlsplit(self.gw.base_url)
@@ -175,8 +203,7 @@ def _document(title: str, body: str) -> str:
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em;max-width:60em}th{text-align:left;padding-right:1em}"
-        "pre{background:#f4f4f4;padding:1em}.msg{font-weight:bold}</style></head>"
+        f"<style>{_STYLE}</style></head>"
         f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
 

@@ -29,11 +29,12 @@ from gateway.errors import (
     CircuitOpen,
     DuplicateCall,
     ProtocolError,
+    TooManyRefusals,
     UpstreamError,
 )
 from gateway.fronts.client_info import client_name
 from gateway.fronts.jsonrpc import parse_json
-from gateway.fronts.wire import read_body, trace_id_of, traceparent
+from gateway.fronts.wire import RefusalLimiter, read_body, source_of, trace_id_of, traceparent
 from gateway.identity.authenticator import Authenticator, require_scopes
 from gateway.pipeline import Pipeline
 from gateway.state.idempotency import Previous
@@ -51,13 +52,19 @@ class NotFound(BastionError):
 
 class HTTPToolAPI:
     def __init__(
-        self, pipeline: Pipeline, auth: Authenticator, base_url: str, max_body: int, max_depth: int
+        self,
+        pipeline: Pipeline,
+        auth: Authenticator,
+        base_url: str,
+        limits: tuple[int, int, float],
+        refusals: RefusalLimiter,
     ) -> None:
         self.pipeline = pipeline
         self.auth = auth
         self.base_url = base_url
-        self.max_body = max_body
-        self.max_depth = max_depth
+        self.max_body, self.max_depth, self.body_timeout_s = limits
+        """listen.max_body_bytes, max_json_depth, body_timeout_s."""
+        self.refusals = refusals
 
     async def tool_calls(self, request: Request) -> Response:
         return await self._handle(request, forward=True)
@@ -67,7 +74,7 @@ class HTTPToolAPI:
 
     async def _handle(self, request: Request, forward: bool) -> Response:
         try:
-            body = await read_body(request, self.max_body)
+            body = await read_body(request, self.max_body, self.body_timeout_s)
             upstream, tool, arguments, call_id = _parse(body, self.max_depth)
             client = client_name(request.headers)
         except BastionError as err:
@@ -83,6 +90,7 @@ class HTTPToolAPI:
         try:
             call.principal = await self._authenticate(request, call)
         except AuthError as err:
+            self.refusals.check(source_of(request))
             await self.pipeline.refuse(call, "identity", err.error, err.message)
             raise
         if call.upstream not in self.pipeline.upstreams:
@@ -120,7 +128,7 @@ class HTTPToolAPI:
         headers: dict[str, str] = {}
         if isinstance(exc, UpstreamError):
             body = {"decision": "allow", "error": exc.to_json()}
-        if isinstance(exc, CircuitOpen):
+        if isinstance(exc, CircuitOpen | TooManyRefusals):
             headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
         if isinstance(exc, AuthError):
             meta = f"{self.base_url}/.well-known/oauth-protected-resource"

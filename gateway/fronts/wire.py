@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
+import time
+from collections import OrderedDict
 
 from starlette.requests import Request
 
-from gateway.errors import PayloadTooLarge, ProtocolError
+from gateway import metrics
+from gateway.errors import BodyTimeout, PayloadTooLarge, ProtocolError, TooManyRefusals
 
 MAX_BODY = 1024 * 1024
 """Default of listen.max_body_bytes."""
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
-async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    """The request body, refused (413) as soon as it is known to be over `limit` bytes."""
+async def read_body(request: Request, limit: int = MAX_BODY, timeout_s: float = 10.0) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over `limit` bytes, and (408)
+    when it takes longer than `timeout_s` to arrive: a client that trickles a body holds a
+    connection and a task for as long as it likes otherwise."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"request body not received within {timeout_s:g} s (listen.body_timeout_s)"
+        ) from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
     too_large = PayloadTooLarge(f"request body over {limit} bytes (listen.max_body_bytes)")
     length = request.headers.get("content-length")
     if length is not None and not length.isdigit():
@@ -39,3 +55,38 @@ def traceparent(trace_id: str) -> dict[str, str]:
 def trace_id_of(request: Request) -> str | None:
     match = _TRACEPARENT.match(request.headers.get("traceparent", ""))
     return match.group(1) if match else None
+
+
+class RefusalLimiter:
+    """A token bucket per source address for refused credentials (`listen.refusals_per_s`,
+    `listen.refusal_burst`). Every refusal is recorded while a source has tokens; past that it
+    is answered 429 and not recorded, so no address can turn bad tokens into audit writes.
+    Sources are remembered up to `MAX_SOURCES` (the least recently seen go first). Behind a
+    proxy, every client shares the proxy's address: size the rate for it (docs/security.md)."""
+
+    MAX_SOURCES = 10_000
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self.per_s = per_s
+        self.burst = burst
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def check(self, source: str) -> None:
+        """Take a token for one more recorded refusal from `source`, or raise TooManyRefusals."""
+        now = time.monotonic()
+        tokens, last = self._buckets.pop(source, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.per_s)
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            metrics.REFUSALS_SUPPRESSED.inc()
+            wait = (1.0 - tokens) / self.per_s
+            raise TooManyRefusals(
+                f"too many refused credentials from this address; retry in {wait:.1f} s", wait
+            )
+        self._buckets[source] = (tokens - 1.0, now)
+        if len(self._buckets) > self.MAX_SOURCES:
+            self._buckets.popitem(last=False)
+
+
+def source_of(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"

@@ -29,14 +29,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.call import Principal
+from gateway.call import API_KEY_ISSUER, Identities, Principal
 from gateway.config import ApiKeyConfig
 from gateway.errors import AuthError, ConfigError
 from gateway.state.db import api_keys_table, open_state
 
 KEY_PREFIX = "bst_"
-API_KEY_ISSUER = "bastion:api-key"
-"""The `issuer` of every principal authenticated by an API key."""
 CACHE_S = 30.0
 CACHE_SIZE = 10_000
 _KEY = re.compile(r"bst_([a-z0-9]{8,32})_([A-Za-z0-9_-]{20,128})")
@@ -60,7 +58,9 @@ class ApiKey:
     description: str | None = None
     source: str = "state"
 
-    def principal(self) -> Principal:
+    def principal(self, identities: Identities) -> Principal:
+        """The key's principal; its id is qualified (`bastion:api-key#<sub>`) unless API keys
+        are the only issuer or are grouped with another in `identity.same_identity`."""
         claims: dict[str, Any] = {"sub": self.sub, "iss": API_KEY_ISSUER, "key_prefix": self.prefix}
         if self.scopes:
             claims["scope"] = " ".join(self.scopes)
@@ -74,6 +74,7 @@ class ApiKey:
             agent=f"api-key:{self.prefix}",
             scopes=frozenset(self.scopes),
             claims=MappingProxyType(claims),
+            id=identities.id_of(API_KEY_ISSUER, self.sub),
         )
 
 
@@ -209,9 +210,12 @@ def _from_row(row: Any) -> ApiKey:
 class ApiKeys:
     """Authenticates `bst_` keys: config entries first, then the state database (cached)."""
 
-    def __init__(self, configured: Iterable[ApiKeyConfig], state_url: str | None) -> None:
+    def __init__(
+        self, configured: Iterable[ApiKeyConfig], state_url: str | None, identities: Identities
+    ) -> None:
         self._configured = {k.prefix: from_config(k) for k in configured}
         self._state_url = state_url
+        self._identities = identities
         self._store: ApiKeyStore | None = None
 
     def use(self, engine: AsyncEngine) -> None:
@@ -237,7 +241,7 @@ class ApiKeys:
             raise AuthError(f"API key {prefix} was revoked")
         if key.expires is not None and key.expires <= datetime.now(UTC):
             raise AuthError(f"API key {prefix} has expired")
-        return key.principal()
+        return key.principal(self._identities)
 
     async def _lookup(self, prefix: str) -> ApiKey | None:
         if self._state_url is None:

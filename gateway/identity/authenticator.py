@@ -337,7 +337,12 @@ class Authenticator:
         self._own_client = http_client is None
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self.cache_size = CACHE_SIZE
-        self.api_keys = ApiKeys(cfg.api_keys, state_url)
+        try:
+            self.identities = cfg.identities()
+        except ValueError as exc:
+            raise ConfigError(f"identity: {exc}") from None
+        """How principals are named (`Principal.id`); admin checks resolve config entries with it."""
+        self.api_keys = ApiKeys(cfg.api_keys, state_url, self.identities)
 
     @property
     def issuers(self) -> list[str]:
@@ -371,12 +376,17 @@ class Authenticator:
         self._client = None
         await self.api_keys.aclose()
 
-    async def authenticate(self, authorization: str | None, upstream: str | None = None) -> Principal:
+    async def authenticate(
+        self, authorization: str | None, upstream: str | None = None, *, gateway_only: bool = False
+    ) -> Principal:
         """The verified principal for an `Authorization` header value, or `AuthError`.
 
         With `upstream`, a token of an issuer using the default audiences must be meant for that
         upstream's resource URI (or for the whole gateway): a token minted for another upstream
-        is refused (RFC 8707).
+        is refused (RFC 8707). With `gateway_only` (the admin API), it must be meant for the
+        gateway itself (`listen.public_url`): a token an upstream's client obtained for that
+        upstream is no admin credential, whoever it names. An issuer's own `audiences` list
+        names Bastion as a whole, so its tokens are accepted; API keys have no audience.
         """
         if not authorization or not authorization.strip():
             raise AuthError("missing bearer token", error="invalid_request")
@@ -409,10 +419,13 @@ class Authenticator:
             self._cache[digest] = hit
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        if upstream is not None and hit.issuer.cfg.audiences is None:
-            resource = f"{self._base}/mcp/{upstream}"
-            if resource not in hit.audiences and self._base not in hit.audiences:
-                raise _invalid(f"audience not accepted: the token is not meant for {resource}")
+        if hit.issuer.cfg.audiences is None:
+            if gateway_only and self._base not in hit.audiences:
+                raise _invalid(f"audience not accepted: the admin API needs a token meant for {self._base}")
+            if upstream is not None and self._base not in hit.audiences:
+                resource = f"{self._base}/mcp/{upstream}"
+                if resource not in hit.audiences:
+                    raise _invalid(f"audience not accepted: the token is not meant for {resource}")
         return hit.principal
 
     def www_authenticate(self, resource_metadata_url: str, error: AuthError | None) -> str:
@@ -620,6 +633,7 @@ class Authenticator:
             delegation_chain=chain,
             scopes=scopes,
             claims=MappingProxyType(claims),
+            id=self.identities.id_of(issuer, sub),
         )
 
 

@@ -5,8 +5,10 @@ names the policy set it tests (by default the directory that holds its `tests/` 
 tools and prompts it talks about (a tool's risk, tags and input schema, a prompt's argument
 names, since those shape `context.args` and the resource) and a list of cases: who, which tool,
 resource or prompt, which arguments, which agent chain, when, and the expected effect and
-deciding policies, or whether a listing shows the item. Cases run against the real engine,
-offline: no gateway, upstream or identity provider is needed. See docs/policy.md for the format.
+deciding policies, or whether a listing shows the item. A principal is named as the gateway
+would name it (`User::"<sub>"` for the first issuer, `<issuer>#<sub>` for the others), from the
+deployment's `issuers` the suite lists. Cases run against the real engine, offline: no gateway,
+upstream or identity provider is needed. See docs/policy.md for the format.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from gateway.call import Action, Decision, Effect, Principal
+from gateway.call import API_KEY_ISSUER, Action, Decision, Effect, Identities, Principal
 from gateway.config import PolicyConfig, ToolSettings
 from gateway.errors import ConfigError
 from gateway.policy.engine import RESOURCE_TYPES, PolicyEngine
@@ -37,6 +39,9 @@ __all__ = [
     "run_suite",
 ]
 
+DEFAULT_ISSUER = "policy-test"
+"""The issuer of a case's principal when the suite lists no `issuers`: the first, so its ids are
+bare subjects."""
 DEFAULT_TIME = "2025-01-06T12:00:00"
 """When a case gives no `time`: a Monday at noon in the suite's time zone, so results never
 depend on when the tests run."""
@@ -44,7 +49,7 @@ depend on when the tests run."""
 _EFFECTS = frozenset(get_args(Effect))
 _ACTIONS = frozenset(get_args(Action))
 _SUITE_KEYS = frozenset(
-    {"policies", "schema", "entities", "timezone", "tools", "prompts", "principals", "cases"}
+    {"policies", "schema", "entities", "timezone", "tools", "prompts", "principals", "cases", "issuers"}
 )
 _CASE_KEYS = frozenset(
     {"name", "principal", "agent", "action", "tool", "resource", "prompt", "args", "time", "expect"}
@@ -58,7 +63,7 @@ _KINDS: dict[str, tuple[str, str]] = {
 """Each case key naming what is asked for: its Cedar resource type and its default (call) action."""
 _LISTING = frozenset({"listed", "hidden"})
 _PROMPT_KEYS = frozenset({"arguments"})
-_PRINCIPAL_KEYS = frozenset({"sub", "groups", "roles", "tenant", "email", "claims"})
+_PRINCIPAL_KEYS = frozenset({"sub", "issuer", "groups", "roles", "tenant", "email", "claims"})
 _AGENT_KEYS = frozenset({"id", "chain", "scopes"})
 _TOOL_KEYS = frozenset({"risk", "tags", "input_schema"})
 
@@ -174,7 +179,8 @@ def _unknown(data: Mapping[str, Any], allowed: frozenset[str], where: str) -> No
         raise CaseError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
-def _principal(spec: Any, agent: Any, named: Mapping[str, Any], where: str) -> Principal:
+def _principal(spec: Any, agent: Any, named: Mapping[str, Any], ids: Identities, where: str) -> Principal:
+    """The case's principal, named (`User::"<id>"`) as the gateway would with the suite's issuers."""
     if isinstance(spec, str):
         if spec not in named:
             raise CaseError(f"{where}: principal {spec!r} is not defined under `principals`")
@@ -188,6 +194,13 @@ def _principal(spec: Any, agent: Any, named: Mapping[str, Any], where: str) -> P
     sub = spec.get("sub", claims.get("sub"))
     if not isinstance(sub, str) or not sub:
         raise CaseError(f"{where}: principal needs a `sub`")
+    issuer = spec.get("issuer", claims.get("iss", ids.first))
+    if issuer not in (*ids.issuers, API_KEY_ISSUER):
+        listed = ", ".join(ids.issuers) if ids.issuers != (DEFAULT_ISSUER,) else "none"
+        raise CaseError(
+            f"{where}: principal.issuer {issuer!r} is not {API_KEY_ISSUER} nor listed in the"
+            f" suite's `issuers` ({listed}); list the deployment's identity.issuers, in order"
+        )
     agent = agent or {}
     if not isinstance(agent, Mapping):
         raise CaseError(f"{where}: agent must be a mapping {{id, chain, scopes}}")
@@ -211,7 +224,7 @@ def _principal(spec: Any, agent: Any, named: Mapping[str, Any], where: str) -> P
         raise CaseError(f"{where}: agent.id must be a string")
     return Principal(
         sub=sub,
-        issuer="policy-test",
+        issuer=issuer,
         groups=frozenset(_strings(spec.get("groups", claims.get("groups")), f"{where}: groups")),
         roles=frozenset(_strings(spec.get("roles", claims.get("roles")), f"{where}: roles")),
         tenant=text("tenant"),
@@ -222,6 +235,7 @@ def _principal(spec: Any, agent: Any, named: Mapping[str, Any], where: str) -> P
             _strings(agent.get("scopes"), f"{where}: agent.scopes") if "scopes" in agent else scopes
         ),
         claims=dict(claims),
+        id=ids.id_of(issuer, sub),
     )
 
 
@@ -312,6 +326,11 @@ def load_suite(path: Path) -> Suite:
         _unknown(spec, _PROMPT_KEYS, f"{at(spec)}: prompts.{key}")
         prompt_arguments[key] = tuple(_strings(spec.get("arguments"), f"{at(spec)}: prompts.{key}.arguments"))
 
+    issuers = _strings(data.get("issuers"), f"{at(data)}: issuers") or [DEFAULT_ISSUER]
+    try:
+        ids = Identities(tuple(issuers))
+    except ValueError as exc:
+        raise CaseError(f"{at(data)}: issuers: {exc}") from None
     named = data.get("principals") or {}
     if not isinstance(named, Mapping):
         raise CaseError(f"{at(data)}: principals must map names to principals")
@@ -360,7 +379,7 @@ def load_suite(path: Path) -> Suite:
             Case(
                 name=name,
                 line=lines.get(id(raw), 1),
-                principal=_principal(raw.get("principal"), raw.get("agent"), named, where),
+                principal=_principal(raw.get("principal"), raw.get("agent"), named, ids, where),
                 action=action,
                 upstream=upstream,
                 tool=item,

@@ -8,7 +8,8 @@ errors: Cedar skips a `forbid` whose condition fails), never passes the schema a
 
 The Cedar resource follows from the action: `Tool::"<upstream>/<tool>"` for `call_tool`,
 `list_tools`, `approve` and `approve_own`; `Resource::"<upstream>/<uri>"` for `read_resource`;
-`Prompt::"<upstream>/<name>"` for `get_prompt`.
+`Prompt::"<upstream>/<name>"` for `get_prompt`. The principal is `User::"<Principal.id>"`: the
+subject itself for the first issuer, `<issuer>#<subject>` for the others (docs/identity.md).
 
 Listings (`listable`) show an item when its call action could be allowed for some arguments.
 They use Cedar's partial evaluation, which is experimental upstream, so its answer only ever
@@ -320,7 +321,7 @@ class PolicyEngine:
         The actions are declared too, so that partial evaluation can decide `action in [...]`.
         """
         key = (
-            principal.sub,
+            principal.id,
             principal.groups,
             principal.roles,
             principal.tenant,
@@ -340,7 +341,7 @@ class PolicyEngine:
             attrs["uri"] = UNKNOWN_URI
         doc = [
             {
-                "uid": {"type": "User", "id": principal.sub},
+                "uid": {"type": "User", "id": principal.id},
                 "attrs": _principal_attrs(principal),
                 "parents": [{"type": "Group", "id": g} for g in sorted(principal.groups)]
                 + [{"type": "Role", "id": r} for r in sorted(principal.roles)],
@@ -424,7 +425,7 @@ class PolicyEngine:
             return self._deny(Reason("invalid-arguments", str(exc)))
         context = self._context(clean, principal, settings, self._local(now), pii, budget, session_tainted)
         request = {
-            "principal": {"type": "User", "id": principal.sub},
+            "principal": {"type": "User", "id": principal.id},
             "action": {"type": "Action", "id": action},
             "resource": {"type": rtype, "id": key},
             "context": json.dumps(context),
@@ -542,7 +543,7 @@ class PolicyEngine:
         template: bool = False,
     ) -> bool:
         key = (
-            principal.sub,
+            principal.id,
             principal.groups,
             principal.roles,
             principal.tenant,
@@ -597,7 +598,7 @@ class PolicyEngine:
             self._template_subset(upstream, name) if template else self._subset(action, upstream, name)
         )
         request = {
-            "principal": _uid_text("User", principal.sub),
+            "principal": _uid_text("User", principal.id),
             "action": _uid_text("Action", action),
             "resource": _uid_text(rtype, f"{upstream}/{name}"),
             "context": context,

@@ -7,7 +7,8 @@ resets at UTC midnight); a rate limit is a budget with a short window.
 
 Delegation: a budget counted `per: [agent]` charges every actor of the delegation chain, so what
 a sub-agent spends also counts against the agent that delegated to it; `per: [user]` counts the
-token's subject, the user on whose behalf the whole chain acts.
+user on whose behalf the whole chain acts, by `Principal.id` (issuer and subject together: two
+issuers' "alice" are two users, and so is an API key with that subject), as does `match.users`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.sqlite_thread import SQLiteThread
-from gateway.call import Decision, Principal, Reason, ToolCall
+from gateway.call import Decision, Identities, Principal, Reason, ToolCall
 from gateway.config import BudgetRule, CostTable
+from gateway.errors import ConfigError
 from gateway.state.db import budget_usage
 
 
@@ -64,13 +66,14 @@ def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _matches(rule: BudgetRule, call: ToolCall, p: Principal) -> bool:
+def _matches(rule: BudgetRule, users: frozenset[str], call: ToolCall, p: Principal) -> bool:
+    """`users`: the ids `rule.match.users` names."""
     m = rule.match
     if m.tools and not any(t in ("*", call.resource, f"{call.upstream}/*") for t in m.tools):
         return False
     if m.upstreams and call.upstream not in m.upstreams:
         return False
-    if m.users and p.sub not in m.users:
+    if users and p.id not in users:
         return False
     if m.groups and not p.groups.intersection(m.groups):
         return False
@@ -90,7 +93,7 @@ def _subjects(rule: BudgetRule, call: ToolCall, p: Principal) -> list[str]:
     values: list[list[str]] = []
     for dim in rule.per:
         if dim == "user":
-            values.append([f"user={p.sub}"])
+            values.append([f"user={p.id}"])
         elif dim == "tenant":
             values.append([f"tenant={p.tenant or '-'}"])
         elif dim == "tool":
@@ -125,9 +128,20 @@ class BudgetStage:
     name = "budget"
 
     def __init__(
-        self, rules: Sequence[BudgetRule], engine: AsyncEngine, writer: SQLiteThread | None = None
+        self,
+        rules: Sequence[BudgetRule],
+        engine: AsyncEngine,
+        writer: SQLiteThread | None = None,
+        identities: Identities | None = None,
     ) -> None:
+        """`identities`: how `match.users` entries name users (`IdentityConfig.identities()`);
+        by default bare subjects, as with one issuer."""
         self.rules = tuple(rules)
+        ids = identities or Identities()
+        try:
+            self._users = {r.name: frozenset(ids.resolve(u) for u in r.match.users) for r in self.rules}
+        except ValueError as exc:
+            raise ConfigError(f"budgets: match.users: {exc}") from None
         self.engine = engine
         self._writer = writer
         """SQLite file: charges of concurrent calls share one transaction on this thread."""
@@ -140,7 +154,7 @@ class BudgetStage:
         assert p is not None
         out: list[Charge] = []
         for rule in self.rules:
-            if not _matches(rule, call, p):
+            if not _matches(rule, self._users[rule.name], call, p):
                 continue
             cost = cost_of(rule, call)
             start = int(now) // rule.window_s * rule.window_s
@@ -309,7 +323,8 @@ def _charge_all(conn: sqlite3.Connection, charges: list[Charge]) -> list[dict[st
 async def usage(
     engine: AsyncEngine, rules: Sequence[BudgetRule], user: str | None = None
 ) -> list[dict[str, Any]]:
-    """Current-window usage of every configured budget (for `bastion budgets show`)."""
+    """Current-window usage of every configured budget (for `bastion budgets show`); `user` is a
+    user id (`Identities.resolve` turns what a person typed into one)."""
     now = int(time.time())
     rows: list[dict[str, Any]] = []
     async with engine.connect() as conn:

@@ -1,10 +1,11 @@
 """Human approval of risky calls: the pending requests, shared by every replica through the state DB.
 
 A call that policy answers `approval_required` (a permit with `@obligation("approval")`) is never
-forwarded. Bastion stores a request bound to sha256(principal key, upstream, tool, canonical
-arguments) and tells the caller its id. An approver approves or denies it (CLI, admin API, or the
-page at `/approvals/{id}`). When the same principal then repeats the same call with the same
-arguments, it runs exactly once: consumption is a conditional UPDATE (`status = 'approved'` and not
+forwarded. Bastion stores a request bound to the call (`binding_of`: the principal, the agent and
+delegation chain acting for it, upstream, tool, canonical arguments) and tells the caller its id.
+An approver approves or denies it (CLI, admin API, or the page at `/approvals/{id}`). When the same
+principal, through the same agent and chain, then repeats the same call with the same arguments,
+it runs exactly once: consumption is a conditional UPDATE (`status = 'approved'` and not
 expired), so two replicas racing for it cannot both win. Any other argument gives another binding,
 hence a new request.
 
@@ -24,6 +25,7 @@ a decision made in this process wakes it at once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -38,14 +40,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import httpx
-from sqlalchemy import BigInteger, Column, Index, String, Table, Text, case, insert, select, update
+from sqlalchemy import BigInteger, Column, Index, String, Table, Text, case, insert, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.record import SCHEMA_VERSION, AuditRecord, canonical_json, new_id, shape_of
 from audit.store import AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
-from gateway.call import Principal, ToolCall
+from gateway.call import Identities, Principal, ToolCall
 from gateway.config import ApprovalsConfig
 from gateway.errors import ApprovalError, ConfigError
 from gateway.state.db import metadata
@@ -88,10 +90,20 @@ approvals_table = Table(
 )
 
 
+BINDING_PREFIX = "b2."
+"""Marks bindings that name the agent and the delegation chain. A stored binding without it (64
+hex digits, from before) matches no call: such a request is expired when expiries are next looked
+for, never used."""
+
+
 def binding_of(principal: Principal, upstream: str, tool: str, arguments: Mapping[str, Any]) -> str:
-    """What an approval is for: this principal, this tool, these exact (canonical) arguments."""
-    data = canonical_json([principal.key, upstream, tool, dict(arguments)])
-    return hashlib.sha256(data).hexdigest()
+    """What an approval is for: this principal, acting through this agent and delegation chain,
+    this tool, these exact (canonical) arguments. An approval given to "alice via agent A" is
+    therefore not one for "alice via agent B", nor for alice herself."""
+    chain = list(principal.delegation_chain)
+    data = canonical_json([principal.key, principal.agent, chain, upstream, tool, dict(arguments)])
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return BINDING_PREFIX + digest
 
 
 def _now_ms() -> int:
@@ -130,10 +142,20 @@ class Approval:
 
     @property
     def effective_status(self) -> Status:
-        """`expired` for an open request past its deadline, even before the row says so."""
-        if self.status in ("pending", "approved") and self.expires_ms <= _now_ms():
+        """`expired` for an open request past its deadline, or bound without agent and chain,
+        even before the row says so."""
+        if self.status in ("pending", "approved") and (
+            self.expires_ms <= _now_ms() or not self.binding.startswith(BINDING_PREFIX)
+        ):
             return "expired"
         return self.status
+
+    def made_by(self, principal: Principal, identities: Identities) -> bool:
+        """Whether `principal` is the held call's caller: the same issuer and subject, or the same
+        user through `identity.same_identity` (nobody approves their own call)."""
+        if (self.issuer, self.subject) == (principal.issuer, principal.sub):
+            return True
+        return identities.id_of(self.issuer, self.subject) == principal.id
 
     @property
     def policy_reason(self) -> str:
@@ -342,7 +364,8 @@ class Approvals:
         return [Approval.of_row(r) for r in rows]
 
     async def decide(self, approval_id: str, approve: bool, by: str, note: str | None = None) -> Approval:
-        """Approve or deny a pending request; anything else is refused with the reason.
+        """Approve or deny a pending request; anything else is refused with the reason. `by`: the
+        approver's `Principal.id` (or, from the CLI, the operator's name).
 
         The UPDATE is conditional on `pending` and not expired, so of two approvers deciding at
         once only one succeeds, and a decision, once made, never changes."""
@@ -353,6 +376,7 @@ class Approvals:
             done = await conn.execute(
                 update(t)
                 .where(t.c.id == approval_id, t.c.status == "pending", t.c.expires_ms > now)
+                .where(t.c.binding.startswith(BINDING_PREFIX, autoescape=True))
                 .values(
                     status=status,
                     decided_by=by[:512],
@@ -412,26 +436,25 @@ class Approvals:
                 del self._waiting[approval_id]
 
     async def expire_due(self) -> int:
-        """Mark open requests past their deadline `expired` and record each; returns how many."""
+        """Mark open requests past their deadline, or bound the old way (without agent and
+        chain, so no call can use them), `expired` and record each; returns how many."""
         now = _now_ms()
         t = approvals_table
+        due = or_(t.c.expires_ms <= now, not_(t.c.binding.startswith(BINDING_PREFIX, autoescape=True)))
         async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(t).where(t.c.status.in_(("pending", "approved")), t.c.expires_ms <= now)
-                )
-            ).all()
+            rows = (await conn.execute(select(t).where(t.c.status.in_(("pending", "approved")), due))).all()
         expired = 0
         for row in rows:
             async with self.engine.begin() as conn:
                 done = await conn.execute(
-                    update(t)
-                    .where(t.c.id == row.id, t.c.status == row.status, t.c.expires_ms <= now)
-                    .values(status="expired")
+                    update(t).where(t.c.id == row.id, t.c.status == row.status, due).values(status="expired")
                 )
             if done.rowcount == 1:
                 expired += 1
-                await self.record(Approval.of_row(row), "expired", None, f"was {row.status}")
+                note = f"was {row.status}"
+                if not row.binding.startswith(BINDING_PREFIX):
+                    note += "; bound without the agent and delegation chain, so no call could use it"
+                await self.record(Approval.of_row(row), "expired", None, note)
         return expired
 
     async def record(self, approval: Approval, event: str, by: str | None, note: str | None) -> None:

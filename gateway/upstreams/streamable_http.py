@@ -15,12 +15,13 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 from mcp.shared.inbound import encode_header_value
 
 from gateway.config import UpstreamConfig
@@ -43,11 +44,19 @@ MODERN_META = {
 Era = Literal["modern", "legacy"]
 
 
+DEFAULT_MAX_RESPONSE = 4 * 1_048_576
+
+
 @dataclass(slots=True)
 class Reply:
-    """An upstream HTTP response whose body has not been read yet (it may be a long SSE stream)."""
+    """An upstream HTTP response whose body has not been read yet (it may be a long SSE stream).
+
+    Nothing read from it grows past `limit` bytes: a JSON body, the whole of a stream that answers
+    a request, or (for a `long_lived` stream, which may rightly run for hours) any one event."""
 
     response: httpx.Response
+    limit: int = DEFAULT_MAX_RESPONSE
+    long_lived: bool = False
 
     @property
     def status(self) -> int:
@@ -59,8 +68,15 @@ class Reply:
         return content_type.startswith("text/event-stream")
 
     async def body(self) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
         try:
-            return await self.response.aread()
+            async for chunk in self.response.aiter_bytes():
+                size += len(chunk)
+                if size > self.limit:
+                    raise UpstreamError(f"upstream answer over {self.limit} bytes (max_response_bytes)")
+                chunks.append(chunk)
+            return b"".join(chunks)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("upstream timed out while sending its response") from exc
         except httpx.HTTPError as exc:
@@ -68,10 +84,24 @@ class Reply:
         finally:
             await self.response.aclose()
 
-    async def events(self) -> AsyncIterator[ServerSentEvent]:
+    async def events(self) -> AsyncGenerator[ServerSentEvent, None]:
+        lines, decoder = SSELineDecoder(), SSEDecoder()
+        total = pending = 0
         try:
-            async for event in EventSource(self.response).aiter_sse():
-                yield event
+            async for text in self.response.aiter_text():
+                total += len(text)
+                pending += len(text)
+                if pending > self.limit or (total > self.limit and not self.long_lived):
+                    raise UpstreamError(f"upstream stream over {self.limit} bytes (max_response_bytes)")
+                for line in lines.decode(text):
+                    event = decoder.decode(line.rstrip("\n"))
+                    if event is not None:
+                        pending = 0
+                        yield event
+            for line in lines.flush():
+                event = decoder.decode(line.rstrip("\n"))
+                if event is not None:
+                    yield event
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("upstream stream timed out") from exc
         except httpx.HTTPError as exc:
@@ -185,8 +215,9 @@ class StreamableHTTPUpstream:
             if self._direct is not None:
                 response = await self._direct.handle_async_request(request)
                 response.request = request
-                return Reply(response)
-            return Reply(await self.client.send(request, stream=True))
+            else:
+                response = await self.client.send(request, stream=True)
+            return Reply(response, self.cfg.max_response_bytes, long_lived)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
         except httpx.LocalProtocolError as exc:

@@ -500,7 +500,7 @@ async def test_missing_required_scope_gets_403_insufficient_scope(e: Env) -> Non
 async def test_api_key_from_config(e: Env) -> None:
     assert result_of(await e.call(API_KEY))["content"][0]["text"] == "hi"
     row = await e.last_audit()
-    assert row["user"] == "svc-report" and row["agent"] == f"api-key:{API_PREFIX}"
+    assert row["user"] == "bastion:api-key#svc-report" and row["agent"] == f"api-key:{API_PREFIX}"
     assert API_KEY not in json.dumps(row)
 
 
@@ -526,7 +526,7 @@ async def test_api_key_from_state_db_and_revocation(
     key = out.decode().strip()
     assert proc.returncode == 0 and key.startswith("bst_")
     assert result_of(await e.call(key))["content"][0]["text"] == "hi"
-    assert (await e.last_audit())["user"] == "svc-etl"
+    assert (await e.last_audit())["user"] == "bastion:api-key#svc-etl"
 
     async def cli(*args: str) -> tuple[int, str]:
         code = await asyncio.to_thread(cli_main, ["keys", *args, "--config", str(cfg_file)])

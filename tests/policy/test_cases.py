@@ -130,6 +130,59 @@ def test_bad_case_files_name_the_line(tmp_path: Path, cases: str, message: str) 
         load_suite(case_file)
 
 
+def test_principals_are_named_as_the_gateway_names_them(tmp_path: Path) -> None:
+    """`User::"alice"` is the first issuer's alice only; other issuers' ids are qualified."""
+    case_file = copy_set(
+        tmp_path,
+        """
+issuers: [https://idp-a.test, https://idp-b.test]
+principals:
+  alice: {sub: alice}
+  partner-alice: {sub: alice, issuer: https://idp-b.test}
+  key-alice: {sub: alice, issuer: "bastion:api-key"}
+  partner-bob: {sub: bob, issuer: https://idp-b.test}
+cases:
+  - {principal: alice, tool: up/t, expect: allow, policies: [alice]}
+  - {principal: {sub: alice, issuer: https://idp-a.test}, tool: up/t, expect: allow}
+  - {principal: partner-alice, tool: up/t, expect: deny}
+  - {principal: key-alice, tool: up/t, expect: deny}
+  - {principal: partner-bob, tool: up/t, expect: allow, policies: [partner-bob]}
+""",
+        '@id("alice") permit(principal == User::"alice", action, resource);\n'
+        '@id("partner-bob") permit(principal == User::"https://idp-b.test#bob", action, resource);\n',
+    )
+    suite = load_suite(case_file)
+    assert [c.principal.id for c in suite.cases] == [
+        "alice",
+        "alice",
+        "https://idp-b.test#alice",
+        "bastion:api-key#alice",
+        "https://idp-b.test#bob",
+    ]
+    failures = [r.describe() for r in run_suite(suite) if not r.ok]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    ("head", "principal", "message"),
+    [
+        (
+            "",
+            "{sub: a, issuer: https://idp-b.test}",
+            r"principal.issuer 'https://idp-b.test' is not .* \(none\)",
+        ),
+        ("issuers: [https://a.test]\n", "{sub: a, issuer: https://b.test}", r"\(https://a.test\)"),
+        ("issuers: [bastion:api-key]\n", "{sub: a}", r"issuers: issuer 'bastion:api-key'"),
+    ],
+)
+def test_a_principals_issuer_must_be_listed(tmp_path: Path, head: str, principal: str, message: str) -> None:
+    case_file = copy_set(
+        tmp_path, f"{head}cases:\n  - {{principal: {principal}, tool: u/t, expect: deny}}\n", PERMIT
+    )
+    with pytest.raises(CaseError, match=message):
+        load_suite(case_file)
+
+
 def test_a_set_that_does_not_load_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     copy_set(tmp_path, "cases:\n  - {principal: {sub: a}, tool: u/t, expect: deny}\n", "permit(principal")
     assert main(["policy", "test", str(tmp_path)]) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import config as config_mod
-from gateway.call import Principal, ToolCall
-from gateway.config import BudgetRule
+from gateway.call import API_KEY_ISSUER, Identities, Principal, ToolCall
+from gateway.config import BudgetMatch, BudgetRule
+from gateway.errors import ConfigError
 from gateway.stages.budget import BudgetStage, usage
 from gateway.state.db import budget_usage, open_state
 
@@ -124,6 +126,38 @@ async def test_delegation_charges_the_delegator(engine: AsyncEngine) -> None:
     assert denied is not None, "the sub-agent's two calls used up its delegator's budget"
     subjects = {r["subject"]: r["used"] for r in await usage(engine, stage.rules)}
     assert subjects == {"agent=planner": 2, "agent=worker": 2}
+
+
+async def test_users_are_counted_by_issuer_and_subject(engine: AsyncEngine) -> None:
+    ids = Identities(("https://a.test", "https://b.test"))
+
+    def alice_of(issuer: str) -> Principal:
+        return Principal(sub="alice", issuer=issuer, id=ids.id_of(issuer, "alice"))
+
+    stage = BudgetStage([rule(name="per-id", limit=1)], engine, identities=ids)
+    for issuer in ("https://a.test", "https://b.test", API_KEY_ISSUER):
+        assert await stage(call(principal=alice_of(issuer))) is None, f"{issuer}'s alice has her own"
+        assert await stage(call(principal=alice_of(issuer))) is not None
+    subjects = {r["subject"]: r["used"] for r in await usage(engine, stage.rules)}
+    assert subjects == {"user=alice": 1, "user=https://b.test#alice": 1, "user=bastion:api-key#alice": 1}
+    assert [r["subject"] for r in await usage(engine, stage.rules, "https://b.test#alice")] == [
+        "user=https://b.test#alice"
+    ]
+
+
+async def test_match_users_names_issuer_and_subject(engine: AsyncEngine) -> None:
+    ids = Identities(("https://a.test", "https://b.test"))
+    only = BudgetRule(name="only-b", limit=5, window="1d", match=BudgetMatch(users=["https://b.test#alice"]))
+    stage = BudgetStage([only], engine, identities=ids)
+    first = Principal(sub="alice", issuer="https://a.test", id=ids.id_of("https://a.test", "alice"))
+    second = Principal(sub="alice", issuer="https://b.test", id=ids.id_of("https://b.test", "alice"))
+    assert stage.charges(call(principal=first), 0) == []
+    assert [c.subject for c in stage.charges(call(principal=second), 0)] == ["user=https://b.test#alice"]
+    bare = BudgetRule(name="bare", limit=5, window="1d", match=BudgetMatch(users=["alice"]))
+    assert BudgetStage([bare], engine, identities=ids).charges(call(principal=second), 0) == []
+    stray = BudgetRule(name="stray", limit=5, window="1d", match=BudgetMatch(users=["https://c.test#alice"]))
+    with pytest.raises(ConfigError, match=re.escape("'https://c.test' is not a configured issuer")):
+        BudgetStage([stray], engine, identities=ids)
 
 
 async def test_dry_run_peeks_without_consuming(engine: AsyncEngine) -> None:

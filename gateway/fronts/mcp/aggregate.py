@@ -2,11 +2,16 @@
 
 Two servers exposing a tool of the same name cannot shadow each other here: every tool carries
 its upstream's name (the separator is `mcp.namespace_separator`, which no upstream name may
-contain). `tools/list` is the union of what the caller may use on each upstream, exactly as
-`/mcp/<upstream>` would list it (token audience and required scopes of that upstream, pinning,
-a tool listed iff calling it can be allowed); `tools/call` is routed to its upstream under the
-tool's own name and governed by the same pipeline, so audit records and policies see
-`Tool::"<upstream>/<tool>"`.
+contain, begin or end with). `tools/list` is the union of what the caller may use on each
+upstream, exactly as `/mcp/<upstream>` would list it (token audience and required scopes of that
+upstream, pinning, a tool listed iff calling it can be allowed); `tools/call` is routed to its
+upstream under the tool's own name and governed by the same pipeline, so audit records and
+policies see `Tool::"<upstream>/<tool>"`.
+
+A name reads one way or not at all: `tools/list` leaves out a tool whose own name begins with a
+separator character (`notes___x`) or whose namespaced name two tools share, and `tools/call`
+refuses, and records, any name that does not split into exactly one configured upstream and
+such a tool.
 
 Bastion is the MCP server here: it answers `initialize` (legacy clients, with a signed session
 id of its own), `server/discover` (2026-07-28 clients), `ping` and notifications itself. Only
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import Any
 
 from starlette.requests import Request
@@ -43,6 +49,8 @@ log = logging.getLogger("bastion.mcp")
 AGGREGATE = "*"
 """The session ids of `/mcp` name this instead of an upstream (no upstream name can be `*`)."""
 LIST_TIMEOUT_S = 10.0
+MAX_WARNED = 1000
+"""Omitted tool names logged once each, up to this many per process (a metric counts them all)."""
 CAPABILITIES: dict[str, Any] = {"tools": {"listChanged": False}}
 SERVER_INFO = {"name": "bastion", "version": "1"}
 
@@ -51,6 +59,7 @@ class AggregateFront:
     def __init__(self, front: MCPFront, separator: str) -> None:
         self.front = front
         self.sep = separator
+        self._warned: set[str] = set()
 
     async def __call__(self, request: Request) -> Response:
         front = self.front
@@ -63,7 +72,7 @@ class AggregateFront:
             principal = await front.auth.authenticate(request.headers.get("authorization"), None)
             if request.method == "DELETE":
                 return await self._delete(request, principal)
-            body = await read_body(request, front.max_body)
+            body = await read_body(request, front.max_body, front.body_timeout_s)
             try:
                 msg = jsonrpc.parse(body, front.max_depth)
             except ProtocolError as err:
@@ -203,12 +212,52 @@ class AggregateFront:
             except (BastionError, TimeoutError, ValueError, KeyError) as exc:
                 log.warning("/mcp: upstream %s left out of tools/list (%s)", up.name, exc)
                 return []
-            allowed = await front.pipeline.listing(principal, up.name, "call_tool", tools, "name")
-            return [{**t, "name": f"{up.name}{self.sep}{t['name']}"} for t in allowed]
+            return await front.pipeline.listing(principal, up.name, "call_tool", tools, "name")
 
-        ups = [front.upstreams[name] for name in sorted(front.upstreams)]
-        lists = await asyncio.gather(*(one(u) for u in ups))
-        return [t for tools in lists for t in tools]
+        names = sorted(front.upstreams)
+        lists = await asyncio.gather(*(one(front.upstreams[name]) for name in names))
+        listed = [(name, t) for name, tools in zip(names, lists, strict=True) for t in tools]
+        seen = Counter(f"{name}{self.sep}{t.get('name')}" for name, t in listed)
+        union = []
+        for upstream, t in listed:
+            tool = t.get("name")
+            namespaced = f"{upstream}{self.sep}{tool}"
+            if not isinstance(tool, str) or not tool or tool[0] in self.sep:
+                self._omit(upstream, namespaced, "ambiguous-name")
+            elif seen[namespaced] > 1:
+                self._omit(upstream, namespaced, "duplicate-name")
+            else:
+                union.append({**t, "name": namespaced})
+        return union
+
+    def _omit(self, upstream: str, namespaced: str, reason: str) -> None:
+        """A tool `/mcp` cannot name one way only: counted, logged once, and served only on
+        `/mcp/<upstream>` under its own name."""
+        metrics.TOOLS_OMITTED.labels(upstream, reason).inc()
+        if namespaced not in self._warned and len(self._warned) < MAX_WARNED:
+            self._warned.add(namespaced)
+            log.warning(
+                "/mcp: %r left out of tools/list (%s): call it on /mcp/%s", namespaced[:200], reason, upstream
+            )
+
+    def _route(self, name: object) -> tuple[Upstream, str] | tuple[None, str]:
+        """The one (upstream, tool) that a namespaced name reads as; otherwise None and why.
+
+        Every configured upstream whose `<name><sep>` begins the name is a candidate: exactly
+        one may match, and the tool's own name may not begin with a separator character (such
+        tools are never listed here), so no name is ever resolved two ways."""
+        if not isinstance(name, str):
+            return None, "unknown-tool"
+        found = [
+            (up, name[len(prefix) + len(self.sep) :])
+            for prefix, up in self.front.upstreams.items()
+            if name.startswith(prefix + self.sep) and len(name) > len(prefix) + len(self.sep)
+        ]
+        if not found:
+            return None, "unknown-tool"
+        if len(found) > 1 or found[0][1][0] in self.sep:
+            return None, "ambiguous-tool"
+        return found[0]
 
     async def _call(
         self,
@@ -222,11 +271,17 @@ class AggregateFront:
         front = self.front
         params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
         name = (params or {}).get("name")
-        prefix, sep, tool = name.partition(self.sep) if isinstance(name, str) else ("", "", "")
-        up = front.upstreams.get(prefix) if sep and tool else None
+        up, tool = self._route(name)
         if up is None:
+            policy = tool
             why = f"unknown tool {str(name)[:200]!r}: names on /mcp are <upstream>{self.sep}<tool>"
-            audit_id = await self._refuse(request, principal, str(name)[:200], msg, "unknown-tool", why)
+            if policy == "ambiguous-tool":
+                why = (
+                    f"tool name {str(name)[:200]!r} does not read as one upstream and tool on /mcp "
+                    "(a tool whose name begins with a separator character is served only on "
+                    "/mcp/<upstream>)"
+                )
+            audit_id = await self._refuse(request, principal, str(name)[:200], msg, policy, why)
             error = jsonrpc.error(msg.get("id"), jsonrpc.INVALID_PARAMS, why, {"audit_id": audit_id})
             return Response(error, media_type="application/json")
         routed = {**msg, "params": {**(params or {}), "name": tool}}

@@ -36,6 +36,7 @@ from gateway.errors import (
     InsufficientScope,
     ProtocolError,
     SessionError,
+    TooManyRefusals,
 )
 from gateway.fronts import jsonrpc
 from gateway.fronts.client_info import client_name
@@ -52,7 +53,7 @@ from gateway.fronts.mcp.inline import InlineApprovals, elicitation_modes, modern
 from gateway.fronts.mcp.relay import Relay
 from gateway.fronts.mcp.results import denied_result, refused_error, repeat_answer
 from gateway.fronts.mcp.sessions import Session, SessionSigner
-from gateway.fronts.wire import MAX_BODY, read_body, trace_id_of
+from gateway.fronts.wire import MAX_BODY, RefusalLimiter, read_body, source_of, trace_id_of
 from gateway.identity.authenticator import Authenticator, require_scopes
 from gateway.pipeline import Answer, Pipeline
 from gateway.upstreams import forward
@@ -85,7 +86,10 @@ class MCPFront:
         """`mcp.allow_methods`: methods outside the table relayed anyway (no decision, no record)."""
         self.max_body = MAX_BODY
         self.max_depth = jsonrpc.MAX_DEPTH
-        """listen.max_body_bytes and listen.max_json_depth, for every front (set at start-up)."""
+        self.body_timeout_s = 10.0
+        """listen.max_body_bytes, max_json_depth and body_timeout_s, for every front (set at start-up)."""
+        self.refusals = RefusalLimiter(5.0, 50)
+        """Refused credentials recorded per source address (listen.refusals_per_s, refusal_burst)."""
         self.relay = Relay(pipeline, recheck)
         self.inline = InlineApprovals(self)
         """Held calls approved inside the MCP exchange, for clients that support elicitation."""
@@ -101,7 +105,7 @@ class MCPFront:
                 return JSONResponse({"error": "not_found", "message": "no such upstream"}, 404)
             self.check_origin(request)
             if request.method == "POST":
-                body = await read_body(request, self.max_body)
+                body = await read_body(request, self.max_body, self.body_timeout_s)
                 principal = await self._authenticate(request, upstream, body)
                 try:
                     msg = jsonrpc.parse(body, self.max_depth)
@@ -140,7 +144,7 @@ class MCPFront:
             exc = BastionError(f"internal error ({type(exc).__name__}); the call was recorded")
         body = jsonrpc.error(msg_id, exc.jsonrpc_code, exc.message)
         response = Response(body, exc.http_status, media_type="application/json")
-        if isinstance(exc, CircuitOpen):
+        if isinstance(exc, CircuitOpen | TooManyRefusals):
             response.headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
         if isinstance(exc, AuthError):
             metrics.AUTH_FAILURES.inc()
@@ -159,6 +163,7 @@ class MCPFront:
             metrics.STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
         except AuthError as err:
             if body is not None:
+                self.refusals.check(source_of(request))
                 await self.audit_refused_credential(request, upstream, body, err.message)
             raise
         try:

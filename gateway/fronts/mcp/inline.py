@@ -16,8 +16,9 @@ later stages and consumes it exactly once, as a repeated call would.
 Legacy sessions: `elicitation/create` goes out on the POST's SSE stream, its id sealed (approval,
 mode, principal), so the client's answer, a separate POST, is understood by any replica.
 2026-07-28: an `input_required` result; its `requestState` is sealed and bound to the principal
-and to the exact call (binding of principal, tool and arguments); the retry carrying it is checked
-and then governed from scratch. A forged or altered state is refused and audited.
+and to the exact call (the approval binding: principal, agent and chain, tool, arguments); the
+retry carrying it is checked and then governed from scratch. A forged or altered state is
+refused and audited.
 
 A client that leaves while it waits gets nothing forwarded on its behalf: a legacy stream is
 cancelled with its connection; a 2026-07-28 retry watches its request for the disconnect (when the
@@ -272,7 +273,7 @@ class InlineApprovals:
                 log.warning("inline approval %s: the answer is not from the held call's caller", approval_id)
                 return
             note = "confirmed inline by the caller (Action::approve_own)"
-            await approvals.decide(approval_id, True, principal.sub, note)
+            await approvals.decide(approval_id, True, principal.id, note)
         except ApprovalError as err:
             log.info("inline approval %s not recorded: %s", approval_id, err.message)
         except SQLAlchemyError as exc:

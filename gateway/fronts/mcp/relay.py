@@ -15,16 +15,17 @@ client's wire here, in its era:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from httpx_sse import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.fronts import jsonrpc
 from gateway.fronts.mcp.eras import modernize
 from gateway.fronts.mcp.exchange import Exchange
@@ -74,13 +75,20 @@ class Relay:
         """Relay a message that is not a governed action; `hook` rewrites its final response."""
         out = out or x.outgoing()
         long_lived = x.method == "subscriptions/listen"
+        # Everything but a subscription must be over within the upstream's timeout_s, however
+        # slowly it trickles (httpx's timeouts bound each read, not the whole answer).
+        deadline = None if long_lived else asyncio.get_running_loop().time() + x.upstream.cfg.timeout_s
         reply, private = await self.pipeline.relay(x.upstream.name, out, long_lived)
         if reply.status == 202:
             await reply.aclose()
             forward.release(x.upstream, private)
             return Response(status_code=202, headers=_echo(x))
         if reply.status >= 400 or not reply.is_sse:
-            raw = await reply.body()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    raw = await reply.body()
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream {x.upstream.name} did not answer in time") from None
             forward.release(x.upstream, private)
             if reply.status >= 400 or (hook is None and private is None):
                 ctype = reply.response.headers.get("content-type") or "application/json"
@@ -99,7 +107,8 @@ class Relay:
                 headers=_echo(x),
             )
         upstream_id = private.id if private is not None else x.msg.get("id")
-        return self._stream(x, self._events(x.upstream, reply.events(), upstream_id, private, hook), private)
+        events = _until(reply.events(), deadline, x.upstream.name)
+        return self._stream(x, self._events(x.upstream, events, upstream_id, private, hook), private)
 
     async def _events(
         self,
@@ -220,6 +229,24 @@ class Relay:
 
     def output_schema(self, upstream: str, tool: str) -> Any:
         return self._output_schemas.get((upstream, tool))
+
+
+async def _until(
+    events: AsyncGenerator[ServerSentEvent, None], deadline: float | None, upstream: str
+) -> AsyncIterator[ServerSentEvent]:
+    """The events of a stream, up to `deadline` (None: as long as it lasts)."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream {upstream} did not finish its answer in time") from None
+            yield event
+    finally:
+        await events.aclose()
 
 
 def _echo(x: Exchange) -> dict[str, str]:
