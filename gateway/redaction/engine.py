@@ -12,6 +12,9 @@ and hands Presidio only windows around the candidates, widened by `_MARGIN` char
 context words and letter prefixes (IBAN country codes) are included. Strings with no
 candidate cost one regex search. Secret and card recognizers run on the whole text (plain
 regexes). NER, which has no cheap candidate, analyses whole strings.
+
+Every pattern recognizer is linear in its text: Presidio's own are, except e-mail and URL, which
+`gateway.redaction.linear` replaces, and Bastion's are written to be (`gateway.redaction.secrets`).
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ from typing import Any
 
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")  # no download of the suffix list
 
-import re
-
-from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry
-from presidio_analyzer.nlp_engine import NoOpNlpEngine, SpacyNlpEngine
-from presidio_analyzer.predefined_recognizers import PhoneRecognizer, SpacyRecognizer
+import regex  # type: ignore[import-untyped]
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry, RecognizerResult
+from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
+from presidio_analyzer.nlp_engine import NlpArtifacts, NoOpNlpEngine, SpacyNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    EmailRecognizer,
+    PhoneRecognizer,
+    SpacyRecognizer,
+    UrlRecognizer,
+)
 
 from gateway.config import RedactionConfig
 from gateway.errors import ConfigError
+from gateway.redaction.linear import email_recognizer, url_recognizer
 from gateway.redaction.normalize import encoded_spans, normalize
 from gateway.redaction.secrets import (
     SECRET,
@@ -105,7 +114,7 @@ class Scanner:
         self._threshold = threshold
         self._decode_limit = decode_limit
         alternatives = sorted({_CANDIDATES[e] for e in windowed})
-        self._candidates = re.compile("|".join(alternatives)) if alternatives else None
+        self._candidates = regex.compile("|".join(alternatives)) if alternatives else None
 
     def find(self, text: str) -> tuple[str, list[Finding]]:
         """The normalised text and the findings in it (non-overlapping, in order)."""
@@ -146,19 +155,46 @@ class Scanner:
 
     def _windows(self, text: str) -> list[tuple[int, int]]:
         assert self._candidates is not None
-        spans: list[tuple[int, int]] = []
         n = len(text)
+        raw: list[tuple[int, int]] = []
         for m in self._candidates.finditer(text):
             # an `@` stands for an address around it: up to 64 characters before, 255 after
             at = m.group() == "@"
             lo = max(0, m.start() - _MARGIN - (64 if at else 0))
-            hi = min(n, m.end() + _MARGIN + (255 if at else 0))
-            lo, hi = _to_space(text, lo, -1), _to_space(text, hi, 1)
-            if spans and lo <= spans[-1][1]:
-                spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
-            else:
-                spans.append((lo, hi))
-        return spans
+            raw.append((lo, min(n, m.end() + _MARGIN + (255 if at else 0))))
+        # Merged before their edges move to whitespace (a loop per edge), so text dense with
+        # candidates pays for one window, not for each candidate.
+        return _merge_spans((_to_space(text, lo, -1), _to_space(text, hi, 1)) for lo, hi in _merge_spans(raw))
+
+
+def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Spans in order of start, overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+class _NoContext(ContextAwareEnhancer):
+    """Presidio's default enhancer looks for context words among NLP tokens, which `NoOpNlpEngine`
+    does not produce: it finds none, after deep-copying every result, which is most of the cost
+    of text dense with matches (a megabyte of `A1 ` took 24 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 0.0, 0, 0)
+
+    def enhance_using_context(
+        self,
+        text: str,
+        raw_results: list[RecognizerResult],
+        nlp_artifacts: NlpArtifacts,
+        recognizers: list[EntityRecognizer],
+        context: list[str] | None = None,
+    ) -> list[RecognizerResult]:
+        return raw_results
 
 
 def _to_space(text: str, i: int, step: int) -> int:
@@ -206,10 +242,12 @@ def build_scanner(cfg: RedactionConfig) -> Scanner:
     recognizers: list[EntityRecognizer] = []
     provided: set[str] = set()
     for r in registry.recognizers:
-        if isinstance(r, SpacyRecognizer):
+        if isinstance(r, SpacyRecognizer | UrlRecognizer):
             continue
         if isinstance(r, PhoneRecognizer):
             r = PhoneRecognizer(supported_regions=tuple(cfg.phone_regions))
+        if isinstance(r, EmailRecognizer):
+            r = email_recognizer()
         ents = set(r.supported_entities) & wanted
         if ents:
             recognizers.append(r)
@@ -220,6 +258,9 @@ def build_scanner(cfg: RedactionConfig) -> Scanner:
         provided.add(SECRET)
     if "CREDIT_CARD" in wanted:
         extra.append((separated_card_recognizer(), "CREDIT_CARD"))
+    if "URL" in wanted:
+        extra.append((url_recognizer(), "URL"))
+        provided.add("URL")
     ner_entities = frozenset(wanted & NER_ENTITIES)
     ner = _ner_engine(cfg, ner_entities) if ner_entities else None
     provided |= ner_entities
@@ -233,7 +274,9 @@ def build_scanner(cfg: RedactionConfig) -> Scanner:
         reg = RecognizerRegistry(supported_languages=["en"])
         for r in recognizers:
             reg.add_recognizer(r)
-        patterns = AnalyzerEngine(nlp_engine=nlp, registry=reg, supported_languages=["en"])
+        patterns = AnalyzerEngine(
+            nlp_engine=nlp, registry=reg, supported_languages=["en"], context_aware_enhancer=_NoContext()
+        )
     builtin = provided - ner_entities - {SECRET}
     windowed = frozenset(e for e in builtin if e in _CANDIDATES)
     scanner = Scanner(

@@ -9,17 +9,21 @@ strings (almost every string) skip both steps.
 scanner scans the decoded text (to a bounded depth) and treats the whole encoded substring as
 the finding when the decoded text holds one. Decoded text that is not mostly printable UTF-8 is
 ignored, so arbitrary identifiers and binary blobs cost one failed decode.
+
+Both searches are linear in the text: each starts only where a run of its characters starts (a
+lookbehind) and takes the whole run without backtracking.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 import unicodedata
 from collections.abc import Iterator
 from typing import NamedTuple
 from urllib.parse import unquote_plus
+
+import regex  # type: ignore[import-untyped]
 
 __all__ = ["Encoded", "encoded_spans", "normalize"]
 
@@ -43,10 +47,10 @@ _INVISIBLE = dict.fromkeys(
     ]
 )
 
-_B64 = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{16,}={0,2}")
-_HEX = re.compile(r"^(?:[0-9a-fA-F]{2}){8,}$")
-_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
-_URLISH = re.compile(r"[^\s\"'<>]*%[0-9A-Fa-f]{2}[^\s\"'<>]*")
+_B64 = regex.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{16,}+={0,2}")
+_HEX = regex.compile(r"^(?:[0-9a-fA-F]{2}){8,}$")
+_PCT = regex.compile(r"%[0-9A-Fa-f]{2}")
+_URLISH = regex.compile(r"(?<![^\s\"'<>])[^\s\"'<>%]*+%[^\s\"'<>]*+")
 
 
 def normalize(text: str) -> str:

@@ -11,21 +11,33 @@ Presidio's own card recognizer accepts only single spaces or dashes between grou
 attackers) also write `4111.1111.1111.1111` or `4 1 1 1 ...`. `separated_card_recognizer` accepts
 any short run of separators and keeps a match only when the digits pass the Luhn check and
 start like a card number.
+
+Cost. A scan is linear in the text, so that an agent cannot stall the gateway with a crafted
+argument. Repetitions after a keyword are bounded or possessive, and two repetitions never sit
+side by side where both can take the same characters (optional spaces, an optional `=`,
+optional spaces again: a run of spaces with no value after it is tried in quadratically many
+splits). A run is not rescanned from each of its positions: a pattern that spans a whole run
+starts only where the run starts (a lookbehind), a JWT whose first segment fails is not tried
+again from a later `eyJ` of the same run (`(*SKIP)`: it would end where the first did), and the
+name of an AWS secret is read up to the next `aws` only. The patterns run in the `regex`
+module, which releases the GIL while it matches: a large argument scanned in a worker thread
+leaves the event loop free.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import regex  # type: ignore[import-untyped]
 from presidio_analyzer import EntityRecognizer, RecognizerResult
 
 __all__ = [
     "SECRET",
     "RegexRecognizer",
+    "Validator",
     "entropy",
     "high_entropy_recognizer",
     "luhn_ok",
@@ -39,7 +51,7 @@ Validator = Callable[[str], bool]
 
 
 class RegexRecognizer(EntityRecognizer):
-    """A Presidio recognizer over plain `re` patterns, guarded by one cheap prefilter.
+    """A Presidio recognizer over plain regex patterns, guarded by one cheap prefilter.
 
     Presidio's `PatternRecognizer` runs each pattern with per-match bookkeeping and reports the
     whole match; this one reports the named group `v` when the pattern has one (the secret, not
@@ -53,8 +65,8 @@ class RegexRecognizer(EntityRecognizer):
         prefilter: str,
         patterns: list[tuple[str, str, float, Validator | None]],
     ) -> None:
-        self._prefilter = re.compile(prefilter)
-        self._patterns = [(n, re.compile(rx), score, check) for n, rx, score, check in patterns]
+        self._prefilter = regex.compile(prefilter)
+        self._patterns = [(n, regex.compile(rx), score, check) for n, rx, score, check in patterns]
         super().__init__(supported_entities=[entity], name=name)
 
     def load(self) -> None:
@@ -77,7 +89,8 @@ _TOKENS: list[tuple[str, str, float, Validator | None]] = [
     ("aws_access_key_id", r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b", 1.0, None),
     (
         "aws_secret_access_key",
-        r"(?i:aws)[\w.-]{0,30}(?i:secret|key)[\w\"']{0,20}\s*[:=]\s*[\"']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])",
+        r"(?i:aws)(?:(?!(?i:aws))[\w.-]){0,30}(?i:secret|key)[\w\"']{0,20}+\s*+[:=]\s*+[\"']?"
+        r"(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])",
         1.0,
         None,
     ),
@@ -86,18 +99,24 @@ _TOKENS: list[tuple[str, str, float, Validator | None]] = [
     ("slack_token", r"\bxox[abposre]-[A-Za-z0-9-]{10,}", 1.0, None),
     ("slack_webhook", r"https://hooks\.slack\.com/(?:services|workflows)/[A-Za-z0-9_/]{20,}", 1.0, None),
     ("stripe_key", r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}|\bwhsec_[A-Za-z0-9]{24,}", 1.0, None),
-    ("jwt", r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*", 1.0, None),
+    (
+        "jwt",
+        r"\beyJ[A-Za-z0-9_-]{5,}+(*SKIP)\.eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+",
+        1.0,
+        None,
+    ),
     (
         "pem_private_key",
-        r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
-        r"(?:(?s:.*?)-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,-]*)",
+        r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[A-Za-z0-9+/=\s:,\\]|-(?!----END))*+(?:-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----)?",
         1.0,
         None,
     ),
     ("connection_string_password", r"://[^\s:/@\"'<>]{0,256}:(?P<v>[^\s@/\"'<>]{1,256})@", 1.0, None),
     (
         "password_assignment",
-        r"(?i:\b(?:password|passwd|pwd|pass))\s*[\"']?\s*[=:]\s*[\"']?(?P<v>[^\s\"';,&<>]{4,256})",
+        r"(?i:\b(?:password|passwd|pwd|pass))\s*+(?:[\"']\s*+)?[=:]\s*+[\"']?"
+        r"(?P<v>[^\s\"';,&<>]{4,256})",
         0.8,
         None,
     ),
@@ -142,7 +161,7 @@ def high_entropy_recognizer() -> RegexRecognizer:
     """API keys without a known prefix: after `api_key=`-like names, or long random tokens alone."""
     keyed = (
         r"(?i:api[_-]?key|apikey|secret(?:[_-]?key)?|client[_-]?secret|access[_-]?token|auth[_-]?token"
-        r"|bearer|token|private[_-]?key)[\"']?\s*[=:]?\s*[\"']?"
+        r"|bearer|token|private[_-]?key)[\"']?(?:\s*+[=:])?\s*+[\"']?"
         r"(?P<v>[A-Za-z0-9_\-+/.~][A-Za-z0-9_\-+/=.~]{15,511})"
     )
     standalone = r"(?<![A-Za-z0-9_\-+/=.])[A-Za-z0-9_\-+/]{32,}={0,2}(?![A-Za-z0-9_\-+/=.])"

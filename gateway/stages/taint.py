@@ -81,7 +81,7 @@ def scan_result(result: dict[str, Any]) -> list[Finding]:
     for where, text in _strings({k: result[k] for k in RESULT_FIELDS if k in result}, "result"):
         if budget <= 0:
             break
-        budget -= len(text)
+        budget -= len(text) + 1  # an empty string is a scan too: a result can hold a million
         found.extend(scan_text(text[:SCAN_LIMIT], where, kinds=RESULT_KINDS))
     return found
 

@@ -14,6 +14,7 @@ from gateway.call import ToolCall
 from gateway.config import RedactionConfig
 from gateway.errors import ConfigError
 from gateway.redaction.engine import build_scanner
+from gateway.redaction.injection import scan_text
 from gateway.stages.redact import Redactor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +89,17 @@ async def test_scan_limit(over_limit: str) -> None:
         ),
         ("mysql://root:hunter2hunter2@10.0.0.5/app", "hunter2hunter2"),
         ("password=Tr0ub4dor&3", "Tr0ub4dor"),
+        ("password" + " " * 100 + "= hunter2x", "hunter2x"),
+        ('pwd "  :  "Tr0ub4dor"', "Tr0ub4dor"),
+        ("jwt-eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "eyJhbGciOiJIUzI1NiJ9"),
+        (
+            'key = "-----BEGIN RSA PRIVATE KEY-----\\nMIIEowIBAAKCAQEA\\n-----END RSA PRIVATE KEY-----"',
+            "-----BEGIN RSA PRIVATE KEY-----",
+        ),
+        (
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA",
+            "-----BEGIN OPENSSH PRIVATE KEY-----",
+        ),
         ("X-Api-Key: 9fQ2xL7mN4pR8sT1vW3yZ6aB0cD5eG", "9fQ2xL7mN4pR8sT1vW3yZ6aB0cD5eG"),
     ],
 )
@@ -96,6 +108,48 @@ def test_secret_detectors(text: str, found: str) -> None:
     norm, findings = scanner.find(text)
     assert [f.entity for f in findings] == ["SECRET"]
     assert found in norm[findings[0].start : findings[0].end] or norm[findings[0].start :].startswith(found)
+
+
+def test_a_private_key_ends_at_its_footer() -> None:
+    key = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB\n-----END EC PRIVATE KEY-----"
+    norm, findings = build_scanner(RedactionConfig(entities=["SECRET"])).find(f"{key}\nand then the notes")
+    assert [norm[f.start : f.end] for f in findings] == [key]
+
+
+def test_email_addresses_behind_a_long_prefix_are_still_found() -> None:
+    scanner = build_scanner(RedactionConfig(entities=["EMAIL_ADDRESS"]))
+    text = f"mail jane.roe+tag@example.co.uk or {'x' * 100}john@example.org"
+    norm, findings = scanner.find(text)
+    found = [norm[f.start : f.end] for f in findings]
+    assert found[0] == "jane.roe+tag@example.co.uk"
+    assert found[1] == "x" * 60 + "john@example.org"  # the last 64 characters of the local part
+
+
+def test_urls_are_found_by_their_top_level_domain() -> None:
+    scanner = build_scanner(RedactionConfig(entities=["URL"]))
+    text = "docs at https://docs.example.com/a/b?c=1 and www.example.org, not notes.txtx or 1.2.3.4"
+    norm, findings = scanner.find(text)
+    assert [norm[f.start : f.end] for f in findings] == [
+        "https://docs.example.com/a/b?c=1",
+        "www.example.org",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "mentioned"),
+    [
+        ("Results feed delete_note automatically.", True),
+        ("Then call svc.notes.read with the id.", True),
+        ("See (svc.notes.read).", True),
+        ("Then call my_delete_note_v2 instead.", False),
+        ("A note named svc.notes.reader is fine.", False),
+        ("This tool is self_tool.", False),
+    ],
+)
+def test_tool_names_are_mentions_only_when_they_stand_alone(text: str, mentioned: bool) -> None:
+    names = ["delete_note", "svc.notes.read", "self_tool", "add"]
+    found = {f.kind for f in scan_text(text, "description", names, "self_tool")}
+    assert ("tool_reference" in found) is mentioned
 
 
 @pytest.mark.parametrize(
