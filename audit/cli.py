@@ -62,6 +62,11 @@ def register(
     e.add_argument("--tool", help="tool name")
     e.add_argument("--effect", choices=["allow", "deny", "transform", "approval_required"])
     e.add_argument("--status", help="outcome status: completed, failed, denied, pending, ...")
+    e.add_argument(
+        "--call-id",
+        help="every record of one call (e.g. the model's tool_use decision and the tool's execution)",
+    )
+    e.add_argument("--protocol", choices=["mcp", "http", "llm", "a2a"], help="how the call reached Bastion")
     progress = e.add_mutually_exclusive_group()
     progress.add_argument("--progress", action="store_true", default=None, help="always show a progress bar")
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show one")
@@ -118,6 +123,8 @@ def _export(args: argparse.Namespace, s: AuditSettings) -> int:
             tool=args.tool,
             effect=args.effect,
             status=args.status,
+            call_id=args.call_id,
+            protocol=args.protocol,
             progress=args.progress,
         )
     except AuditStoreError as exc:

@@ -254,6 +254,8 @@ def run_export(
     tool: str | None,
     effect: str | None,
     status: str | None,
+    call_id: str | None = None,
+    protocol: str | None = None,
     progress: bool | None = None,
 ) -> int:
     """Export to `output` (stdout when None or "-"); return the number of records.
@@ -271,6 +273,8 @@ def run_export(
         "tool": tool,
         "effect": effect,
         "status": status,
+        "call_id": call_id,
+        "protocol": protocol,
     }
     to_stdout = output is None or output == "-"
     if progress is None:

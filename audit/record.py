@@ -37,6 +37,8 @@ class AuditRecord:
     delegation_chain: list[str] = field(default_factory=list)
     protocol: str
     client: str | None = None
+    llm: dict[str, str] | None = None
+    """A tool call a model asked for (`protocol: "llm"`): the `provider` and `model`; absent otherwise."""
     upstream: str
     tool: str
     action: str
@@ -70,6 +72,8 @@ class AuditRecord:
         """Plain JSON types in contract order; `ts` as ISO-8601 UTC with microseconds and `Z`."""
         out: dict[str, Any] = {name: getattr(self, name) for name in _FIELDS}
         out["ts"] = format_ts(self.ts)
+        if self.llm is None:
+            del out["llm"]  # kept out of other records, whose documents stay as they were
         return out
 
     @classmethod
@@ -88,7 +92,7 @@ _FIELD_SET = frozenset(_FIELDS)
 _REQUIRED = tuple(
     n
     for n in _FIELDS
-    if n not in {"schema_version", "delegation_chain", "client", "seq", "prev_hash", "hash"}
+    if n not in {"schema_version", "delegation_chain", "client", "llm", "seq", "prev_hash", "hash"}
 )
 
 

@@ -95,11 +95,14 @@ audit_records = Table(
     Column("hash", String(128)),
     Column("record", Text, nullable=False),
     Column("seq", BigInteger),
+    Column("call_id", String(255)),
+    Column("protocol", String(16)),
     Index("ix_audit_records_ts_id", "ts", "id"),
     Index("ix_audit_records_user_ts", "user", "ts", "id"),
     Index("ix_audit_records_tool_ts", "tool", "ts", "id"),
     Index("ix_audit_records_effect_ts", "effect", "ts", "id"),
     Index("ix_audit_records_status_ts", "status", "ts", "id"),
+    Index("ix_audit_records_call_id", "call_id", "ts", "id"),
     Index("ux_audit_records_instance_seq", "instance", "seq", unique=True),
 )
 
@@ -127,6 +130,10 @@ class RecordFilters(TypedDict, total=False):
     tool: str | None
     effect: str | None
     status: str | None
+    call_id: str | None
+    """Every record of one call: e.g. the decision on a model's tool_use (`llm`) and the tool's
+    later execution over MCP share it."""
+    protocol: str | None
     batch: int
 
 
@@ -156,6 +163,8 @@ def _row(record: AuditRecord) -> dict[str, Any]:
         "prev_hash": record.prev_hash,
         "hash": record.hash,
         "seq": record.seq,
+        "call_id": record.call_id,
+        "protocol": record.protocol,
         "record": json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False),
     }
 
@@ -179,7 +188,15 @@ def _conditions(filters: RecordFilters) -> list[ColumnElement[bool]]:
         conds.append(t.ts >= as_utc(since))
     if (until := filters.get("until")) is not None:
         conds.append(t.ts < as_utc(until))
-    for col, key in ((t.user, "user"), (t.tool, "tool"), (t.effect, "effect"), (t.status, "status")):
+    exact = (
+        (t.user, "user"),
+        (t.tool, "tool"),
+        (t.effect, "effect"),
+        (t.status, "status"),
+        (t.call_id, "call_id"),
+        (t.protocol, "protocol"),
+    )
+    for col, key in exact:
         value = filters.get(key)
         if value is not None:
             conds.append(col == value)
@@ -213,6 +230,8 @@ class ChainRow:
     prev_hash: str | None
     hash: str | None
     record: str
+    call_id: str | None
+    protocol: str | None
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -232,11 +251,12 @@ def _insert_sql(table: Table, columns: Sequence[str]) -> str:
 
 _INSERT_COLUMNS = tuple(c.name for c in audit_records.columns)
 _INSERT_SQL = _insert_sql(audit_records, _INSERT_COLUMNS)
+_COMPLETE_COLUMNS = ("effect", "status", "seq", "prev_hash", "hash", "call_id", "protocol", "record")
+"""What completing a pending row rewrites, from the final record (both write paths use it)."""
 _COMPLETE_SQL = (
-    "UPDATE audit_records SET effect = ?, status = ?, seq = ?, prev_hash = ?, hash = ?, record = ? "
+    f"UPDATE audit_records SET {', '.join(f'{c} = ?' for c in _COMPLETE_COLUMNS)} "  # noqa: S608 (our names)
     "WHERE id = ? AND status = 'pending'"
 )
-_COMPLETE_COLUMNS = ("effect", "status", "seq", "prev_hash", "hash", "record")
 _CHECKPOINT_COLUMNS = tuple(c.name for c in audit_checkpoints.columns if c.name != "id")
 _CHECKPOINT_SQL = _insert_sql(audit_checkpoints, _CHECKPOINT_COLUMNS)
 
@@ -389,24 +409,12 @@ class AuditStore:
         stmt = (
             update(audit_records)
             .where(t.id == bindparam("b_id"), t.status == PENDING)
-            .values(
-                effect=bindparam("effect"),
-                status=bindparam("status"),
-                seq=bindparam("seq"),
-                prev_hash=bindparam("prev_hash"),
-                hash=bindparam("hash"),
-                record=bindparam("record"),
-            )
+            .values({c: bindparam(c) for c in _COMPLETE_COLUMNS})
         )
         params = []
         for r in records:
             row = _row(r)
-            params.append(
-                {
-                    "b_id": r.id,
-                    **{k: row[k] for k in ("effect", "status", "seq", "prev_hash", "hash", "record")},
-                }
-            )
+            params.append({"b_id": r.id, **{k: row[k] for k in _COMPLETE_COLUMNS}})
         result = await conn.execute(stmt, params)
         if result.rowcount >= 0 and result.rowcount != len(params):
             missing = len(params) - result.rowcount
@@ -482,7 +490,10 @@ class AuditStore:
     async def iter_chain(self, instance: str, batch: int = 1000) -> AsyncIterator[ChainRow]:
         """The chained rows of `instance` in `seq` order, `batch` per query (constant memory)."""
         t = audit_records.c
-        cols = (t.id, t.seq, t.ts, t.user, t.tool, t.effect, t.status, t.prev_hash, t.hash, t.record)
+        cols = (
+            t.id, t.seq, t.ts, t.user, t.tool, t.effect, t.status, t.prev_hash, t.hash, t.record,
+            t.call_id, t.protocol,
+        )  # fmt: skip
         base = select(*cols).where(t.instance == instance, t.seq.is_not(None)).order_by(t.seq).limit(batch)
         last = -1
         while True:
@@ -494,7 +505,7 @@ class AuditStore:
             for row in rows:
                 yield ChainRow(
                     row.id, int(row.seq), row.ts, row.user, row.tool, row.effect, row.status,
-                    row.prev_hash, row.hash, row.record,
+                    row.prev_hash, row.hash, row.record, row.call_id, row.protocol,
                 )  # fmt: skip
             if len(rows) < batch:
                 return

@@ -179,6 +179,8 @@ def _check_row(row: ChainRow, expected: int, prev: str | None, signed: dict[int,
         "user": row.user,
         "tool": row.tool,
         "ts": format_ts(row.ts) if isinstance(row.ts, datetime) else row.ts,
+        "call_id": row.call_id,
+        "protocol": row.protocol,
     }
     for key, value in copies.items():
         if doc.get(key) != value:

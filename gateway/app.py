@@ -35,6 +35,7 @@ from gateway.errors import BastionError, ConfigError
 from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.approvals_api import ApprovalsAPI
 from gateway.fronts.http_api import HTTPToolAPI
+from gateway.fronts.llm.endpoint import LLMFront
 from gateway.fronts.mcp.aggregate import AggregateFront
 from gateway.fronts.mcp.endpoint import MCPFront
 from gateway.fronts.mcp.sessions import SessionSigner
@@ -56,6 +57,7 @@ from gateway.state.pins import ToolPins
 from gateway.state.tasks import TaskOwners
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http_tools import HTTPToolsUpstream
+from gateway.upstreams.llm_provider import Provider
 from gateway.upstreams.stdio import StdioUpstream
 from gateway.upstreams.streamable_http import StreamableHTTPUpstream
 
@@ -83,7 +85,15 @@ class Gateway:
             for name, u in cfg.upstreams.items()
         }
         metrics.known_upstreams(cfg.upstreams)
-        self.auth = Authenticator(cfg.identity, self.base_url, list(cfg.upstreams), state_url=cfg.state.url)
+        self.auth = Authenticator(
+            cfg.identity,
+            self.base_url,
+            list(cfg.upstreams),
+            state_url=cfg.state.url,
+            providers=list(cfg.llm.providers),
+        )
+        self.providers: dict[str, Provider] = {}
+        """Model providers behind `/llm/<name>` (built at start-up: their keys are read then)."""
         self.policy: PolicyEngine | None = None
         self.tool_schemas: dict[str, Any] = {}
         self.prompt_arguments: dict[str, list[str]] = {}
@@ -119,6 +129,7 @@ class Gateway:
 
             key_path = cfg.redaction.hmac_key_file or data_dir / "redaction-hmac.key"
             redactor = Redactor(cfg.redaction, load_or_create_secret(key_path))
+        self.providers = {name: Provider(name, p) for name, p in cfg.llm.providers.items()}
         await self.auth.start()
         self.tool_schemas = await self._discover_tools()
         self.prompt_arguments = await self._discover_prompts()
@@ -225,6 +236,7 @@ class Gateway:
         if self.state is not None:
             await self.state.dispose()
         await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))
+        await asyncio.gather(*(p.aclose() for p in self.providers.values()))
 
     def _policy(self) -> PolicyEngine:
         assert self.policy is not None
@@ -367,6 +379,17 @@ def build_app(gw: Gateway) -> Starlette:
     async def decisions(request: Request) -> Response:
         return await http_api().decisions(request)
 
+    llm: list[LLMFront] = []
+
+    async def model_api(request: Request) -> Response:
+        if not llm:
+            mcp = gw.mcp
+            limits = (mcp.max_depth, mcp.body_timeout_s)
+            llm.append(
+                LLMFront(mcp.pipeline, gw.auth, gw.providers, gw.cfg.llm, gw.base_url, limits, mcp.refusals)
+            )
+        return await llm[0](request)
+
     admin: list[AdminAPI] = []
 
     async def budgets(request: Request) -> Response:
@@ -392,6 +415,7 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/budgets", budgets),
         Route("/v1/tool-calls", tool_calls, methods=["POST"]),
         Route("/v1/decisions", decisions, methods=["POST"]),
+        Route("/llm/{provider}/v1/{api:path}", model_api, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/.well-known/oauth-protected-resource", resource_metadata),
         Route("/.well-known/oauth-protected-resource/mcp/{upstream}", resource_metadata),

@@ -189,6 +189,12 @@ class Decision:
         return cls("deny", (Reason(policy, reason),), stage, policy_version)
 
 
+def new_trace_id() -> str:
+    """W3C trace ids need to be unique, not secret (OpenTelemetry's SDKs draw them the same way);
+    `uuid4` asks the kernel for bytes on every call."""
+    return f"{random.getrandbits(128):032x}"
+
+
 @dataclass(slots=True)
 class ToolCall:
     """One governed call, whatever protocol it arrived on.
@@ -202,19 +208,19 @@ class ToolCall:
     tool: str
     """The tool's name; for `read_resource` the resource's URI, for `get_prompt` the prompt's name."""
     arguments: dict[str, Any]
-    protocol: Literal["mcp", "http"] = "mcp"
+    protocol: Literal["mcp", "http", "llm"] = "mcp"
     action: Action = "call_tool"
     principal: Principal | None = None
     call_id: str | None = None
     client: str | None = None
     """The framework the caller declared (`X-Bastion-Client`), unverified; for the audit record."""
+    llm: dict[str, str] | None = None
+    """For a tool call a model asked for: the `provider` and `model` (the audit record keeps them)."""
     session: str | None = None
     """The client's MCP session id, when it has one (taint is tracked per session)."""
     session_tainted: bool = False
     """An earlier result in this session carried prompt injection: Cedar's `context.session.tainted`."""
-    trace_id: str = field(default_factory=lambda: f"{random.getrandbits(128):032x}")
-    """W3C trace ids need to be unique, not secret (OpenTelemetry's SDKs draw them the same way);
-    `uuid4` asks the kernel for bytes on every call."""
+    trace_id: str = field(default_factory=lambda: new_trace_id())
     audit_id: str = field(default_factory=new_id)
     dry_run: bool = False
     """Decide only (`bastion explain`): stages must not consume anything (budgets peek instead)."""

@@ -523,6 +523,57 @@ class McpConfig(_Strict):
     record (vendor extensions). Every other unlisted method is refused and recorded."""
 
 
+class LLMCredential(_Strict):
+    """Bastion's own key for a model provider: the caller's credential never reaches it."""
+
+    header: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
+    """The header the provider reads it from (`x-api-key`, `authorization`)."""
+    from_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable holding the key, read at start-up."""
+    file: Path | None = None
+    """Or a file holding it (its first line)."""
+    prefix: str = ""
+    """Put before the key (`"Bearer "`)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LLMCredential:
+        if (self.from_env is None) == (self.file is None):
+            raise ValueError("set exactly one of from_env, file")
+        return self
+
+
+class LLMProvider(_Strict):
+    kind: Literal["anthropic", "openai"]
+    """Which API it speaks: `anthropic` /v1/messages; `openai` /v1/chat/completions and /v1/responses."""
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    """The provider's base URL, without `/v1` (https://api.anthropic.com, https://api.openai.com)."""
+    credential: LLMCredential | None = None
+    """None: nothing is added (a local model server that needs no key)."""
+    timeout_s: float = Field(300, gt=0)
+    """Longest wait for the provider's answer, and between two events of a stream."""
+    connect_timeout_s: float = Field(10, gt=0)
+    max_response_bytes: int = Field(32 * 1_048_576, ge=1024, le=1024 * 1_048_576)
+    """Largest answer read from the provider: a JSON body, or one event of a stream."""
+
+
+class LLMTools(_Strict):
+    namespace: str = Field("llm", pattern=_NAME)
+    """A model's tool `<name>` is Cedar's `Tool::"<namespace>/<name>"` unless mapped."""
+    map: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/.{1,200}$")]] = {}
+    """Model tool name -> `<upstream>/<tool>`: the same Cedar resource as that MCP tool."""
+
+
+class LLMConfig(_Strict):
+    """The LLM API front (docs/llm.md): tool calls in model traffic, governed like MCP calls."""
+
+    providers: dict[Annotated[str, Field(pattern=_NAME)], LLMProvider] = {}
+    tools: LLMTools = LLMTools()
+    redact_prompts: bool = False
+    """Redact PII and secrets in the conversation's text before the provider sees it (needs `redaction`)."""
+    max_body_bytes: int = Field(16 * 1_048_576, gt=0, le=256 * 1_048_576)
+    """Largest request body accepted on /llm (conversations are long); bigger is refused with 413."""
+
+
 class OpsListenConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
@@ -556,6 +607,7 @@ class Config(_Strict):
     sessions: SessionsConfig = SessionsConfig()
     pinning: PinningConfig = PinningConfig()
     mcp: McpConfig = McpConfig()
+    llm: LLMConfig = LLMConfig()
     ops: OpsConfig = OpsConfig()
     logging: LoggingConfig = LoggingConfig()
     data_dir: Path = Path(".bastion")
@@ -599,6 +651,19 @@ class Config(_Strict):
                 f"mcp.namespace_separator {sep!r} (tool names on /mcp would read two ways): rename "
                 "the upstream, or choose another mcp.namespace_separator"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _llm_names_its_own_namespace(self) -> Config:
+        """A model's unmapped tools must not land among an upstream's tools (and inherit its permits)."""
+        namespace = self.llm.tools.namespace
+        if self.llm.providers and namespace in self.upstreams:
+            raise ValueError(
+                f"llm.tools.namespace {namespace!r} is also an upstream's name: choose another "
+                "namespace, and map the model's tools to that upstream in llm.tools.map"
+            )
+        if self.llm.redact_prompts and self.redaction is None:
+            raise ValueError("llm.redact_prompts needs redaction: configured (docs/redaction.md)")
         return self
 
     @model_validator(mode="after")
@@ -688,8 +753,20 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             if cfg.redaction
             else None,
             "data_dir": rel(cfg.data_dir),
+            "llm": cfg.llm.model_copy(
+                update={
+                    "providers": {
+                        name: p.model_copy(update={"credential": _cred(p.credential, rel)})
+                        for name, p in cfg.llm.providers.items()
+                    }
+                }
+            ),
         }
     )
+
+
+def _cred(cred: LLMCredential | None, rel: Any) -> LLMCredential | None:
+    return cred.model_copy(update={"file": rel(cred.file)}) if cred is not None else None
 
 
 def format_validation_error(exc: ValidationError) -> str:

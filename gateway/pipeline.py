@@ -252,15 +252,41 @@ class Pipeline:
         except SQLAlchemyError as exc:
             raise StateUnavailable(f"task owners unavailable: {type(exc).__name__}") from exc
 
-    async def decide_only(self, call: ToolCall) -> Decision:
+    async def decide_only(self, call: ToolCall, *, hold: bool = False) -> Decision:
         """Decide and record without forwarding (Bastion as a decision point): an allowed call's
-        outcome is `decided`, since the caller runs the tool itself."""
+        outcome is `decided`, since the caller runs the tool itself. With `hold`, a call that
+        needs a human's approval gets a pending request (outcome `held`), as a forwarded one does."""
         decision: Decision | None = None
         try:
             decision = await self.decide(call)
+            if hold and decision.effect == "approval_required" and self.approvals is not None:
+                decision = await self.hold(call, decision)
             status: OutcomeStatus = "decided" if decision.allowed else "denied"
+            if decision.effect == "approval_required":
+                status = "held"
             await self.finish(call, decision, Outcome(status, self.elapsed_ms(call)))
             return decision
+        except BaseException as exc:
+            if not call.recorded:
+                self._record_error(call, decision, exc)
+            raise
+
+    async def returned(
+        self, call: ToolCall, result: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, Decision]:
+        """A tool's result that the caller ran itself, on its way back to a model: redacted and
+        scanned as a forwarded call's result is (findings taint the session), and recorded.
+        Returns the result to pass on instead (None: as is) and the recorded decision."""
+        decision: Decision | None = Decision(
+            "allow", (Reason("result", "the tool's result, on its way to the model"),), "result"
+        )
+        try:
+            assert decision is not None
+            redacted, decision = await self.redact_result(call, decision, result)
+            status: OutcomeStatus = "completed" if decision.allowed else "denied"
+            digest = sha256_hex(json.dumps(result, sort_keys=True).encode())
+            await self.finish(call, decision, Outcome(status, self.elapsed_ms(call), None, None, digest))
+            return redacted, decision
         except BaseException as exc:
             if not call.recorded:
                 self._record_error(call, decision, exc)
@@ -736,6 +762,7 @@ class Pipeline:
             delegation_chain=list(p.delegation_chain) if p else [],
             protocol=call.protocol,
             client=call.client,
+            llm=call.llm,
             upstream=call.upstream,
             tool=call.tool,
             action=call.action,

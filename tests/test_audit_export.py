@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_audit import T0, make_record
+import yaml
+from alembic import command
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Connection, event, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from test_audit import PG_URL, T0, _drop_pg_table, make_record
 
+from audit import migrations
+from audit.checkpoint import CheckpointSigner
 from audit.export import CSV_COLUMNS, export_csv, export_ocsf, ocsf_event, run_export
 from audit.record import AuditRecord
-from audit.store import AuditStore
+from audit.store import AuditStore, AuditStoreError, _row, audit_records
+from audit.verify import verify
+from audit.writer import AuditWriter
+from gateway.cli import main as cli_main
 
 
 def varied(i: int) -> AuditRecord:
@@ -234,3 +244,177 @@ async def test_export_of_200k_records_runs_in_constant_memory(tmp_path: Path) ->
           f"records ({size_mib:.0f} MiB of JSONL)")  # fmt: skip
     assert size_mib > 100, "the export is much larger than the memory it may use"
     assert grew_mib < 40, f"peak RSS grew {grew_mib:.1f} MiB from 2k to 200k records"
+
+
+# --- one call across protocols: --call-id and --protocol ---------------------------------------
+
+SHARED = "toolu_01XFDUDYJgAACzvnptvVoYEL"
+PENDING_OUTCOME = {"status": "pending", "latency_ms": None, "upstream_status": None, "error": None}
+DONE_OUTCOME = {"status": "completed", "latency_ms": 2.5, "upstream_status": 200, "error": None}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+async def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/audit.db"
+    if not PG_URL:
+        pytest.skip("BASTION_TEST_PG not set: PostgreSQL audit store tests skipped")
+    await _drop_pg_table(PG_URL)
+    return PG_URL
+
+
+def one_call_and_others() -> tuple[list[AuditRecord], list[AuditRecord]]:
+    """The model's tool_use decided (llm) and the tool run over MCP, both under one call id; and
+    records that must not match it: other call ids (one a prefix of it), none, other protocols."""
+    decided = make_record(0, call_id=SHARED, protocol="llm", upstream="anthropic")
+    ran = make_record(3, call_id=SHARED, protocol="mcp")
+    others = [
+        make_record(1, call_id="toolu_other", protocol="llm", upstream="anthropic"),
+        make_record(2, call_id=SHARED + "2", protocol="mcp"),
+        make_record(4, call_id=SHARED[:-1], protocol="mcp"),
+        make_record(5, call_id=None, protocol="http"),
+        make_record(6, call_id="c-6", protocol="http"),
+    ]
+    return [decided, ran], others
+
+
+def write_config(tmp_path: Path, url: str) -> Path:
+    config = tmp_path / "bastion.yaml"
+    config.write_text(yaml.safe_dump({"audit": {"url": url, "signing_key_file": str(tmp_path / "k.key")}}))
+    return config
+
+
+async def cli_export(config: Path, out: Path, *args: str) -> list[str]:
+    """`bastion audit export` through the CLI entry point; the exported record ids, in order."""
+    argv = ["audit", "export", "--config", str(config), "-o", str(out), "--no-progress", *args]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    return [json.loads(line)["id"] for line in out.read_text().splitlines()]
+
+
+async def stored_copies(url: str) -> dict[str, tuple[str | None, str | None, str]]:
+    """id: (call_id, protocol, the stored document) for every row, as the database holds them."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT id, call_id, protocol, record FROM audit_records"))).all()
+    finally:
+        await engine.dispose()
+    return {r.id: (r.call_id, r.protocol, r.record) for r in rows}
+
+
+async def test_export_by_call_id_finds_every_protocol_of_one_call(any_url: str, tmp_path: Path) -> None:
+    (decided, ran), others = one_call_and_others()
+    key = Ed25519PrivateKey.generate()
+    store = await AuditStore.open(any_url)
+    try:
+        async with AuditWriter(store, signer=CheckpointSigner(key)) as writer:
+            await writer.write(decided)
+            await writer.begin(make_record(3, id=ran.id, call_id=SHARED, protocol="mcp",
+                                           outcome=dict(PENDING_OUTCOME), result_sha256=None))  # fmt: skip
+            for rec in others:
+                await writer.write(rec)
+            await writer.complete(ran.id, dict(DONE_OUTCOME), "ef" * 32)
+        assert (await verify(store, key.public_key())).ok
+    finally:
+        await store.close()
+
+    copies = await stored_copies(any_url)
+    for call in (decided, ran, *others):  # written whole, or begun and completed: the copies are set
+        call_id, protocol, doc = copies[call.id]
+        assert (call_id, protocol) == (call.call_id, call.protocol)
+        assert (json.loads(doc)["call_id"], json.loads(doc)["protocol"]) == (call_id, protocol)
+    assert json.loads(copies[ran.id][2])["outcome"]["status"] == "completed"
+
+    config = write_config(tmp_path, any_url)
+    out = tmp_path / "out.jsonl"
+    assert await cli_export(config, out, "--call-id", SHARED) == [decided.id, ran.id]
+    assert await cli_export(config, out, "--call-id", SHARED, "--protocol", "mcp") == [ran.id]
+    assert await cli_export(config, out, "--call-id", SHARED, "--protocol", "http") == []
+    assert await cli_export(config, out, "--call-id", "nope") == []
+    assert await cli_export(config, out, "--protocol", "llm") == [decided.id, others[0].id]
+    assert await cli_export(config, out, "--protocol", "http") == [others[3].id, others[4].id]
+    csv_out = tmp_path / "out.csv"
+    argv = ["audit", "export", "--config", str(config), "--format", "csv", "-o", str(csv_out),
+            "--call-id", SHARED]  # fmt: skip
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    rows = list(csv.DictReader(io.StringIO(csv_out.read_text())))
+    assert [(r["id"], r["protocol"], r["call_id"]) for r in rows] == [
+        (decided.id, "llm", SHARED),
+        (ran.id, "mcp", SHARED),
+    ]
+
+
+def test_cli_rejects_an_unknown_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["audit", "export", "--url", f"sqlite+aiosqlite:///{tmp_path}/a.db", "--protocol", "smtp"])
+    assert exc.value.code == 2 and "invalid choice: 'smtp'" in capsys.readouterr().err
+
+
+async def test_call_id_lookup_uses_its_index_on_sqlite(tmp_path: Path) -> None:
+    """The queries export runs (first page and the keyset pages after it) search the index."""
+    path = tmp_path / "audit.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    (decided, ran), others = one_call_and_others()
+    store = await AuditStore.open(url)
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if "FROM audit_records" in statement and "call_id" in statement:
+            seen.append((statement, params))
+
+    try:
+        await store.write_many([decided, ran, *others])
+        event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+        got = [json.loads(t)["id"] async for t in store.iter_raw(call_id=SHARED, batch=1)]
+        assert await store.count(call_id=SHARED) == 2
+    finally:
+        await store.close()
+    assert got == [decided.id, ran.id]
+    assert len(seen) >= 3, "a first page, a keyset page and the count"
+    with sqlite3.connect(path) as db:
+        for statement, params in seen:
+            plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", params))
+            assert "ix_audit_records_call_id" in plan, (statement, plan)
+
+
+# --- a store at revision 0002 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edited", [False, True], ids=["clean", "with-edited-row"])
+async def test_revision_0002_store_is_backfilled_and_searchable(
+    any_url: str, tmp_path: Path, edited: bool
+) -> None:
+    """Rows written before 0003 get their call_id and protocol from the stored document. A row
+    whose document is not JSON (an edit that verify reports) is left without them."""
+    (decided, ran), others = one_call_and_others()
+    written = (decided, ran, *others)
+    garbled = make_record(7, call_id=SHARED)
+    rows = [_row(r) for r in written]
+    if edited:
+        rows.append({**_row(garbled), "record": "{not json"})
+    for row in rows:  # as 0002 stored them: no such columns
+        del row["call_id"], row["protocol"]
+    engine = create_async_engine(any_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(migrations._config(c), "0002"))
+            assert "call_id" not in {c["name"] for c in await conn.run_sync(_columns)}
+            await conn.execute(audit_records.insert(), rows)
+    finally:
+        await engine.dispose()
+    with pytest.raises(AuditStoreError, match="revision 0002, this version needs 0003"):
+        await AuditStore.open(any_url, create=False)
+
+    config = write_config(tmp_path, any_url)
+    assert await asyncio.to_thread(cli_main, ["audit", "migrate", "--config", str(config)]) == 0
+    copies = await stored_copies(any_url)
+    assert {r.id: copies[r.id][:2] for r in written} == {r.id: (r.call_id, r.protocol) for r in written}
+    if edited:
+        assert copies[garbled.id][:2] == (None, None)
+    out = tmp_path / "out.jsonl"
+    assert await cli_export(config, out, "--call-id", SHARED) == [decided.id, ran.id]
+    assert await cli_export(config, out, "--protocol", "llm") == [decided.id, others[0].id]
+
+
+def _columns(conn: Connection) -> list[Any]:
+    return list(inspect(conn).get_columns("audit_records"))

@@ -320,10 +320,15 @@ class Authenticator:
         *,
         http_client: httpx.AsyncClient | None = None,
         state_url: str | None = None,
+        providers: Iterable[str] = (),
     ) -> None:
         self._cfg = cfg
         base = base_url.rstrip("/")
-        default_audiences = (base, *(f"{base}/mcp/{name}" for name in upstreams))
+        default_audiences = (
+            base,
+            *(f"{base}/mcp/{name}" for name in upstreams),
+            *(f"{base}/llm/{name}" for name in providers),
+        )
         self._issuers: dict[str, _IssuerState] = {}
         for i, issuer in enumerate(cfg.issuers):
             if issuer.issuer in self._issuers:
@@ -377,16 +382,22 @@ class Authenticator:
         await self.api_keys.aclose()
 
     async def authenticate(
-        self, authorization: str | None, upstream: str | None = None, *, gateway_only: bool = False
+        self,
+        authorization: str | None,
+        upstream: str | None = None,
+        *,
+        gateway_only: bool = False,
+        provider: str | None = None,
     ) -> Principal:
         """The verified principal for an `Authorization` header value, or `AuthError`.
 
         With `upstream`, a token of an issuer using the default audiences must be meant for that
         upstream's resource URI (or for the whole gateway): a token minted for another upstream
-        is refused (RFC 8707). With `gateway_only` (the admin API), it must be meant for the
-        gateway itself (`listen.public_url`): a token an upstream's client obtained for that
-        upstream is no admin credential, whoever it names. An issuer's own `audiences` list
-        names Bastion as a whole, so its tokens are accepted; API keys have no audience.
+        is refused (RFC 8707); likewise `provider` for `/llm/<provider>`. With `gateway_only` (the
+        admin API), it must be meant for the gateway itself (`listen.public_url`): a token an
+        upstream's client obtained for that upstream is no admin credential, whoever it names. An
+        issuer's own `audiences` list names Bastion as a whole, so its tokens are accepted; API keys
+        have no audience.
         """
         if not authorization or not authorization.strip():
             raise AuthError("missing bearer token", error="invalid_request")
@@ -422,8 +433,9 @@ class Authenticator:
         if hit.issuer.cfg.audiences is None:
             if gateway_only and self._base not in hit.audiences:
                 raise _invalid(f"audience not accepted: the admin API needs a token meant for {self._base}")
-            if upstream is not None and self._base not in hit.audiences:
-                resource = f"{self._base}/mcp/{upstream}"
+            path = f"mcp/{upstream}" if upstream is not None else f"llm/{provider}" if provider else None
+            if path is not None and self._base not in hit.audiences:
+                resource = f"{self._base}/{path}"
                 if resource not in hit.audiences:
                     raise _invalid(f"audience not accepted: the token is not meant for {resource}")
         return hit.principal

@@ -197,6 +197,24 @@ class Redactor:
         redacted = apply(scan, body, lambda h: self._render(h, actions))
         return {**result, **redacted}, _as_transform(decision, f"{', '.join(touched)} redacted in the result")
 
+    # -- free text ----------------------------------------------------------------------------
+
+    async def redact_texts(self, texts: list[str]) -> tuple[list[str], dict[str, int]]:
+        """Every finding in free text replaced by its type (`<EMAIL_ADDRESS>`): a conversation on
+        its way to a model. Returns the texts and the entity counts; ValueError when the text
+        cannot be scanned, or is over the scan limit with `over_limit: deny`."""
+        try:
+            scan = await self._scan(texts)
+        except Exception as exc:  # fail closed on anything the analyzer raises
+            raise ValueError(f"the text could not be scanned for PII ({type(exc).__name__})") from exc
+        if scan.unscanned_bytes and self.cfg.over_limit == "deny":
+            limit = self.cfg.scan_limit_bytes
+            raise ValueError(f"the text exceeds redaction.scan_limit_bytes ({limit} bytes)")
+        if not scan.hits:
+            return texts, {}
+        redacted = apply(scan, texts, lambda h: self._render(h, _REPLACE))
+        return (redacted if isinstance(redacted, list) else texts), dict(sorted(scan.counts.items()))
+
     # -- helpers ------------------------------------------------------------------------------
 
     async def _scan(self, value: Any) -> Scan:

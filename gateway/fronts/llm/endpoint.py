@@ -1,0 +1,191 @@
+"""The LLM API front: `POST /llm/{provider}/v1/{messages | chat/completions | responses}`.
+
+One model call, top to bottom:
+
+    identity    the caller's Bearer token or Bastion API key (`Authorization`, or `x-api-key` as
+                the Anthropic SDK sends it), meant for this provider; refusals are recorded
+    body        bounded (`llm.max_body_bytes`), strict JSON (no duplicate keys, bounded depth)
+    to model    tool results in the conversation redacted and scanned for prompt injection (the
+                new ones recorded); the conversation's text redacted with `llm.redact_prompts`
+    forward     to the provider with Bastion's credential, never the caller's
+    from model  each tool call decided by the pipeline (`judge.py`), released as decided or
+                replaced by its refusal; a stream passes text on as it arrives and holds each
+                tool call until it is decided
+    errors      in the provider's own shape, so the SDKs raise them; a provider that fails or
+                answers something unreadable fails the request (nothing passes ungoverned)
+
+Provider errors (4xx/5xx) are relayed as the provider sent them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.call import Principal, ToolCall, new_trace_id
+from gateway.config import LLMConfig
+from gateway.errors import AuthError, BastionError, ProtocolError, TooManyRefusals, UpstreamError
+from gateway.fronts.client_info import client_name
+from gateway.fronts.jsonrpc import parse_json
+from gateway.fronts.llm.anthropic import Messages
+from gateway.fronts.llm.dialect import Dialect
+from gateway.fronts.llm.judge import Judge
+from gateway.fronts.llm.openai_chat import ChatCompletions
+from gateway.fronts.llm.openai_responses import Responses
+from gateway.fronts.wire import RefusalLimiter, read_body, source_of, trace_id_of
+from gateway.identity.authenticator import Authenticator
+from gateway.pipeline import Pipeline
+from gateway.upstreams.llm_provider import Provider
+
+log = logging.getLogger("bastion.llm")
+
+SESSION_HEADER = "x-bastion-session"
+"""Names the conversation for taint (`context.session.tainted`); without it, the caller's agent."""
+_SESSION = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+class LLMFront:
+    """Serves the model APIs of the configured providers; see the module docstring."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        auth: Authenticator,
+        providers: Mapping[str, Provider],
+        cfg: LLMConfig,
+        base_url: str,
+        limits: tuple[int, float],
+        refusals: RefusalLimiter,
+    ) -> None:
+        self.pipeline = pipeline
+        self.base_url = base_url
+        self.auth = auth
+        self.providers = providers
+        self.cfg = cfg
+        self.max_depth, self.body_timeout_s = limits
+        self.refusals = refusals
+        self.apis: dict[str, tuple[str, Dialect]] = {
+            "messages": ("anthropic", Messages()),
+            "chat/completions": ("openai", ChatCompletions()),
+            "responses": ("openai", Responses()),
+        }
+
+    async def __call__(self, request: Request) -> Response:
+        name, api = request.path_params["provider"], request.path_params["api"]
+        kind, dialect = self.apis.get(api, ("openai", ChatCompletions()))
+        provider = self.providers.get(name)
+        if api not in self.apis or provider is None or provider.kind != kind:
+            why = f"no model API at {request.url.path[:200]} (see llm.providers)"
+            return _error(dialect, 404, why)
+        try:
+            principal = await self._authenticate(request, name, api)
+            body = await read_body(request, self.cfg.max_body_bytes, self.body_timeout_s)
+            doc = parse_json(body, self.max_depth)
+            if not isinstance(doc, dict):
+                raise ProtocolError("the body must be a JSON object")
+            model, stream = doc.get("model"), doc.get("stream", False)
+            if not isinstance(model, str) or not model or not isinstance(stream, bool):
+                raise ProtocolError('"model" must be a non-empty string and "stream" a boolean')
+            judge = Judge(
+                self.pipeline,
+                self.cfg.tools,
+                principal,
+                provider=name,
+                model=model,
+                client=client_name(request.headers),
+                session=_session(request),
+                trace_id=trace_id_of(request) or new_trace_id(),
+            )
+            sent = await self._to_model(dialect, doc, judge, body)
+            reply = await provider.send(f"/v1/{api}", sent, request.headers, stream)
+            if reply.status >= 400:
+                raw = await reply.body()
+                ctype = reply.response.headers.get("content-type", "application/json")
+                return Response(raw, reply.status, media_type=ctype)
+            if reply.is_sse:
+                return StreamingResponse(
+                    self._relay(dialect, reply.events(), judge), media_type="text/event-stream"
+                )
+            answer = await _answer(reply.body(), self.max_depth)
+            return JSONResponse(await dialect.answer(answer, judge))
+        except BastionError as err:
+            return self._bastion_error(dialect, err)
+
+    async def _authenticate(self, request: Request, name: str, api: str) -> Principal:
+        """The caller; a refused credential is recorded (rate-limited per address) and raised."""
+        credential = request.headers.get("authorization")
+        if credential is None and (key := request.headers.get("x-api-key")) is not None:
+            credential = f"Bearer {key}"
+        try:
+            return await self.auth.authenticate(credential, provider=name)
+        except AuthError as err:
+            self.refusals.check(source_of(request))
+            call = ToolCall(name, f"POST /v1/{api}", {}, protocol="llm", action="message")
+            call.llm = {"provider": name, "model": ""}
+            await self.pipeline.refuse(call, "identity", err.error, err.message)
+            raise
+
+    async def _to_model(self, dialect: Dialect, doc: dict[str, Any], judge: Judge, body: bytes) -> bytes:
+        """The request as the provider gets it: tool results redacted and scanned, the
+        conversation's text redacted when configured; the caller's bytes when nothing changed."""
+        before = json.dumps(doc, sort_keys=True) if self.pipeline.redactor is not None else None
+        dialect.prepare(doc)
+        results = dialect.results(doc)
+        await judge.returned(results)
+        if self.cfg.redact_prompts:
+            await judge.redact_prompts(dialect.texts(doc))
+        if before is not None and json.dumps(doc, sort_keys=True) == before:
+            return body
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+    async def _relay(
+        self, dialect: Dialect, events: AsyncIterator[Any], judge: Judge
+    ) -> AsyncIterator[bytes]:
+        """The stream as the agent gets it; a failure midway ends it with an error event."""
+        try:
+            async for out in dialect.relay(events, judge):
+                yield out
+        except BastionError as err:
+            log.warning("model stream from %s failed: %s", judge.llm["provider"], err.message)
+            yield dialect.stream_error(err.message)
+
+    def _bastion_error(self, dialect: Dialect, err: BastionError) -> Response:
+        headers: dict[str, str] = {}
+        if isinstance(err, TooManyRefusals):
+            headers["retry-after"] = str(max(1, round(err.retry_after_s)))
+        if isinstance(err, AuthError):
+            meta = f"{self.base_url}/.well-known/oauth-protected-resource"
+            headers["www-authenticate"] = self.auth.www_authenticate(meta, err)
+        return _error(dialect, err.http_status, err.message, headers)
+
+
+async def _answer(body: Awaitable[bytes], max_depth: int) -> dict[str, Any]:
+    """The provider's whole answer, read as strictly as a request; unreadable is its failure."""
+    try:
+        answer = parse_json(await body, max_depth)
+    except ProtocolError as err:
+        raise UpstreamError(f"the provider's answer cannot be read: {err.message}") from None
+    if not isinstance(answer, dict):
+        raise UpstreamError("the provider answered something other than a JSON object")
+    return answer
+
+
+def _error(dialect: Dialect, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(dialect.error(status, message), status, headers=headers)
+
+
+def _session(request: Request) -> str | None:
+    value = request.headers.get(SESSION_HEADER)
+    if value is None:
+        return None
+    if not _SESSION.fullmatch(value):
+        raise ProtocolError(
+            f"the {SESSION_HEADER} header must be 1 to 128 characters of letters, digits and ._:@-"
+        )
+    return f"llm:{value}"
