@@ -179,6 +179,27 @@ def _discover_probe() -> tuple[str, dict[str, str]]:
 
 
 @contextlib.contextmanager
+def llm_provider(work: Path, ready: bool = True) -> Iterator[tuple[Proc, str]]:
+    """The LLM benchmark's model provider (`bench.llm_provider`), in its own process; yields its base
+    URL (`http://127.0.0.1:PORT`, the APIs under `/v1/`). With `ready=False` it yields as soon as the
+    process is started: call `wait_llm_provider` before using it."""
+    port = free_port()
+    proc = Proc("provider", [sys.executable, "-m", "bench.llm_provider", str(port)], work / "provider.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        if ready:
+            wait_llm_provider(proc, url)
+        yield proc, url
+    finally:
+        proc.stop()
+
+
+def wait_llm_provider(proc: Proc, url: str) -> None:
+    probe = {"model": "ready", "max_tokens": 1, "messages": []}
+    wait_ready(proc, f"{url}/v1/messages", (200,), method="POST", json=probe)
+
+
+@contextlib.contextmanager
 def passthrough(work: Path, upstream_url: str) -> Iterator[tuple[Proc, str]]:
     """The bare forwarding proxy of scenario (p) (`bench.passthrough`), in its own process."""
     port = free_port()
@@ -194,18 +215,26 @@ def passthrough(work: Path, upstream_url: str) -> Iterator[tuple[Proc, str]]:
 
 
 @contextlib.contextmanager
-def bastion(work: Path, cfg: dict[str, Any], name: str) -> Iterator[tuple[Proc, str]]:
-    """Bastion serving `cfg` in its own process (`gateway.cli serve`, as an operator runs it)."""
+def bastion(work: Path, cfg: dict[str, Any], name: str, ready: bool = True) -> Iterator[tuple[Proc, str]]:
+    """Bastion serving `cfg` in its own process (`gateway.cli serve`, as an operator runs it). With
+    `ready=False` it yields as soon as the process is started: call `wait_bastion` before using it
+    (so several processes can start at once)."""
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)]
     proc = Proc(name, argv, work / f"{name}.log", {**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         base = f"http://127.0.0.1:{cfg['listen']['port']}"
-        wait_ready(proc, f"{base}/readyz", (200,))
+        if ready:
+            wait_bastion(proc, base)
         yield proc, f"{base}/mcp/{UPSTREAM}"
     finally:
         proc.stop()
+
+
+def wait_bastion(proc: Proc, base: str) -> None:
+    """Until Bastion at `base` (`http://HOST:PORT`) is ready."""
+    wait_ready(proc, f"{base}/readyz", (200,))
 
 
 @contextlib.contextmanager

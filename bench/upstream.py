@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
 
 
 def echo_server() -> MCPServer:
+    # imported here, so `serve` costs the LLM benchmark's provider (`bench.llm_provider`) no MCP SDK
+    from mcp.server.mcpserver import MCPServer
+
     srv = MCPServer("bench-echo", log_level="WARNING")
 
     @srv.tool()

@@ -42,8 +42,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.app import bind, server_for
-
 INPUT_TOKENS = 25
 """The prompt size every answer reports (`input_tokens` / `prompt_tokens`)."""
 
@@ -463,6 +461,10 @@ class ProviderDouble:
         """Answer the next requests with these, in order."""
         self._scripts.extend(scripts)
 
+    def clear(self) -> None:
+        """Forget scripts a previous test queued but never had answered (its call was refused)."""
+        self._scripts.clear()
+
     @property
     def last(self) -> Received:
         """The most recent request."""
@@ -563,6 +565,10 @@ class ProviderDouble:
 async def running_provider() -> AsyncIterator[tuple[ProviderDouble, str]]:
     """Serve a fresh `ProviderDouble` with uvicorn on a free loopback port; yields it and its base URL
     (`http://127.0.0.1:PORT`: the Anthropic SDK's `base_url`; the OpenAI SDK's needs `/v1` added)."""
+    # imported here: the benchmark serves the double in a process of its own (`bench.llm_provider`),
+    # which then starts in a fraction of a second instead of importing all of Bastion
+    from gateway.app import bind, server_for
+
     double = ProviderDouble()
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]

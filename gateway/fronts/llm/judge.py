@@ -16,6 +16,7 @@ when `llm.redact_prompts` is on.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from gateway.pipeline import Pipeline
 MAX_TOOL_CALLS = 128
 """Most tool calls one model answer may hold; more fails the answer (nothing is released)."""
 MAX_NAME = 200
+_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
 
 
 @dataclass(slots=True)
@@ -164,6 +166,9 @@ class Judge:
         malformed = asked.malformed
         if malformed is None and not isinstance(asked.arguments, dict):
             malformed = "the arguments are not a JSON object"
+        if not isinstance(asked.name, str) or not _NAME.fullmatch(asked.name):
+            # the model APIs allow far less; a name policy would read one way and the agent another
+            malformed = f"the tool name is not 1 to {MAX_NAME} characters of letters, digits and _.:/-"
         up = self.pipeline.upstreams.get(call.upstream)
         missing = sorted(set(up.cfg.required_scopes) - self.principal.scopes) if up is not None else []
         if malformed is not None:

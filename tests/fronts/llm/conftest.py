@@ -5,7 +5,7 @@ Policies for the model's tools (`Tool::"llm/<name>"`), on top of the repo's:
 - `delete_file` is forbidden (`no-file-deletion`);
 - `refund` above 100 needs a human (`big-refunds-need-approval`);
 - `send_email` is forbidden once the conversation is tainted by prompt injection;
-- the model's `read_note` is mapped to the MCP tool `demo/read_note`.
+- the model's `say` is mapped to the MCP tool `demo/echo`.
 Redaction replaces e-mail addresses and US SSNs in the model's tool arguments and in tool results.
 """
 
@@ -111,20 +111,29 @@ async def llm_env(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -
                 "slow": {"kind": "anthropic", "url": url, "timeout_s": 0.5},
                 "down": {"kind": "openai", "url": dead_url().removesuffix("/mcp")},
             },
-            "tools": {"map": {"read_note": "demo/read_note"}},
+            "tools": {"map": {"say": "demo/echo"}},
         }
         redaction = {
             "entities": ["EMAIL_ADDRESS", "US_SSN"],
             "default": {"arguments": "none", "results": "replace"},
             "tools": {"llm/*": {"arguments": "replace"}},
         }
-        cfg = make_config(home, {"demo": upstream_url}, free_port(), policies, llm=llm, redaction=redaction)
+        cfg = make_config(
+            home,
+            {"demo": upstream_url},
+            free_port(),
+            policies,
+            llm=llm,
+            redaction=redaction,
+            admin={"groups": ["admins"]},
+        )
         async with running_gateway(cfg) as (base, gw):
             yield LLMEnv(base, gw, double, url, key)
 
 
 @pytest.fixture
 def env(llm_env: LLMEnv) -> LLMEnv:
+    llm_env.provider.clear()
     return llm_env
 
 
