@@ -84,7 +84,7 @@ class Gateway:
             else StreamableHTTPUpstream(name, u)
             for name, u in cfg.upstreams.items()
         }
-        metrics.known_upstreams(cfg.upstreams)
+        metrics.known_upstreams([*cfg.upstreams, *([cfg.llm.tools.namespace] if cfg.llm.providers else [])])
         self.auth = Authenticator(
             cfg.identity,
             self.base_url,

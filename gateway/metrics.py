@@ -52,6 +52,18 @@ UPSTREAM_ERRORS = Counter(
     ["upstream", "kind"],
     registry=REGISTRY,
 )
+LLM_REQUESTS = Counter(
+    "bastion_llm_requests",
+    "Model API calls through /llm by provider, API and HTTP status (a stream counts when it starts)",
+    ["provider", "api", "status"],
+    registry=REGISTRY,
+)
+LLM_DECISION_SECONDS = Histogram(
+    "bastion_llm_decision_seconds",
+    "Time to decide one tool call of a model's answer (a streamed call is held back this long)",
+    buckets=(0.0001, 0.00025, *_LATENCY_BUCKETS),
+    registry=REGISTRY,
+)
 UPSTREAM_RETRIES = Counter(
     "bastion_upstream_retries",
     "Retries of idempotent tool calls after an upstream failure, per upstream",

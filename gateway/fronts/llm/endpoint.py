@@ -28,6 +28,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from gateway import metrics
 from gateway.call import Principal, ToolCall, new_trace_id
 from gateway.config import LLMConfig
 from gateway.errors import AuthError, BastionError, ProtocolError, TooManyRefusals, UpstreamError
@@ -45,6 +46,7 @@ from gateway.upstreams.llm_provider import Provider
 
 log = logging.getLogger("bastion.llm")
 
+RELAYED_HEADERS = frozenset({"retry-after", "retry-after-ms", "request-id", "x-request-id"})
 SESSION_HEADER = "x-bastion-session"
 """Names the conversation for taint (`context.session.tainted`); without it, the caller's agent."""
 _SESSION = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
@@ -83,6 +85,13 @@ class LLMFront:
         if api not in self.apis or provider is None or provider.kind != kind:
             why = f"no model API at {request.url.path[:200]} (see llm.providers)"
             return _error(dialect, 404, why)
+        response = await self._serve(request, name, api, provider, dialect)
+        metrics.LLM_REQUESTS.labels(name, api, str(response.status_code)).inc()
+        return response
+
+    async def _serve(
+        self, request: Request, name: str, api: str, provider: Provider, dialect: Dialect
+    ) -> Response:
         try:
             principal = await self._authenticate(request, name, api)
             body = await read_body(request, self.cfg.max_body_bytes, self.body_timeout_s)
@@ -104,16 +113,16 @@ class LLMFront:
             )
             sent = await self._to_model(dialect, doc, judge, body)
             reply = await provider.send(f"/v1/{api}", sent, request.headers, stream)
+            headers = _relayed(reply.response.headers)
             if reply.status >= 400:
                 raw = await reply.body()
                 ctype = reply.response.headers.get("content-type", "application/json")
-                return Response(raw, reply.status, media_type=ctype)
+                return Response(raw, reply.status, headers, media_type=ctype)
             if reply.is_sse:
-                return StreamingResponse(
-                    self._relay(dialect, reply.events(), judge), media_type="text/event-stream"
-                )
+                events = self._relay(dialect, reply.events(), judge)
+                return StreamingResponse(events, headers=headers, media_type="text/event-stream")
             answer = await _answer(reply.body(), self.max_depth)
-            return JSONResponse(await dialect.answer(answer, judge))
+            return JSONResponse(await dialect.answer(answer, judge), headers=headers)
         except BastionError as err:
             return self._bastion_error(dialect, err)
 
@@ -174,6 +183,16 @@ async def _answer(body: Awaitable[bytes], max_depth: int) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise UpstreamError("the provider answered something other than a JSON object")
     return answer
+
+
+def _relayed(headers: Mapping[str, str]) -> dict[str, str]:
+    """The provider's response headers the SDKs use (request ids in their errors and logs, rate
+    limits and Retry-After for their back-off); nothing else of the provider's is passed on."""
+    return {
+        k: v
+        for k, v in headers.items()
+        if k in RELAYED_HEADERS or k.startswith(("x-ratelimit-", "anthropic-ratelimit-"))
+    }
 
 
 def _error(dialect: Dialect, status: int, message: str, headers: dict[str, str] | None = None) -> Response:

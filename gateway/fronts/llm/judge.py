@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import metrics
 from gateway.call import Decision, Principal, Reason, ToolCall
 from gateway.config import LLMTools
 from gateway.errors import UpstreamError
@@ -157,6 +159,13 @@ class Judge:
 
     async def __call__(self, asked: Asked) -> Verdict:
         """Decide one asked tool call (and record it); refusals carry the text the model reads."""
+        started = time.perf_counter()
+        try:
+            return await self._decide(asked)
+        finally:
+            metrics.LLM_DECISION_SECONDS.observe(time.perf_counter() - started)
+
+    async def _decide(self, asked: Asked) -> Verdict:
         self.asked += 1
         if self.asked > MAX_TOOL_CALLS:
             raise UpstreamError(f"the model asked for more than {MAX_TOOL_CALLS} tool calls in one answer")

@@ -18,7 +18,7 @@ from tests.llm_provider import Script, ToolUse
 
 TOOLS = [
     {"name": n, "description": n, "input_schema": {"type": "object"}}
-    for n in ("get_weather", "delete_file", "refund", "send_email", "read_note")
+    for n in ("get_weather", "delete_file", "refund", "send_email", "web_search")
 ]
 
 
@@ -115,3 +115,12 @@ async def test_caller_without_token_is_refused_in_anthropic_shape(env: LLMEnv) -
         answer = await http.post(f"{env.base}/llm/anthropic/v1/messages", json={"model": "m"})
     assert answer.status_code == 401 and answer.json()["type"] == "error"
     assert answer.json()["error"]["type"] == "authentication_error"
+
+
+async def test_budget_is_charged_per_released_tool_call(env: LLMEnv) -> None:
+    searches = [ToolUse("web_search", {"q": str(i)}) for i in range(3)]
+    message = await ask(env, Script(tools=searches), token=env.token("budget-user"))
+    assert [b.type for b in message.content] == ["tool_use", "tool_use", "text"]
+    assert "over budget" in message.content[2].text and "searches" in message.content[2].text
+    records = await env.records(user="budget-user")
+    assert sorted(r.effect for r in records) == ["allow", "allow", "deny"]
