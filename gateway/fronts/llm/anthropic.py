@@ -34,8 +34,8 @@ class Messages:
     def error(self, status: int, message: str) -> dict[str, Any]:
         return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
 
-    def prepare(self, body: dict[str, Any]) -> None:
-        pass
+    def prepare(self, body: dict[str, Any]) -> bool:
+        return False
 
     def stream_error(self, message: str) -> bytes:
         return frame(self.error(502, message), "error")

@@ -29,8 +29,9 @@ class Dialect(Protocol):
         """An error body in this API's own shape, so the SDKs raise it with its message."""
         ...
 
-    def prepare(self, body: dict[str, Any]) -> None:
-        """Complete a request before anything else reads it (the Responses API's stored calls)."""
+    def prepare(self, body: dict[str, Any]) -> bool:
+        """Complete a request before anything else reads it (the Responses API's stored calls);
+        whether it changed."""
         ...
 
     def results(self, body: dict[str, Any]) -> list[ToolResult]:

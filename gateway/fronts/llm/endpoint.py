@@ -36,7 +36,7 @@ from gateway.fronts.client_info import client_name
 from gateway.fronts.jsonrpc import parse_json
 from gateway.fronts.llm.anthropic import Messages
 from gateway.fronts.llm.dialect import Dialect
-from gateway.fronts.llm.judge import Judge
+from gateway.fronts.llm.judge import Judge, Seen
 from gateway.fronts.llm.openai_chat import ChatCompletions
 from gateway.fronts.llm.openai_responses import Responses
 from gateway.fronts.wire import RefusalLimiter, read_body, source_of, trace_id_of
@@ -72,6 +72,7 @@ class LLMFront:
         self.cfg = cfg
         self.max_depth, self.body_timeout_s = limits
         self.refusals = refusals
+        self.seen = Seen()
         self.apis: dict[str, tuple[str, Dialect]] = {
             "messages": ("anthropic", Messages()),
             "chat/completions": ("openai", ChatCompletions()),
@@ -110,6 +111,7 @@ class LLMFront:
                 client=client_name(request.headers),
                 session=_session(request),
                 trace_id=trace_id_of(request) or new_trace_id(),
+                seen=self.seen,
             )
             sent = await self._to_model(dialect, doc, judge, body)
             reply = await provider.send(f"/v1/{api}", sent, request.headers, stream)
@@ -143,13 +145,11 @@ class LLMFront:
     async def _to_model(self, dialect: Dialect, doc: dict[str, Any], judge: Judge, body: bytes) -> bytes:
         """The request as the provider gets it: tool results redacted and scanned, the
         conversation's text redacted when configured; the caller's bytes when nothing changed."""
-        before = json.dumps(doc, sort_keys=True) if self.pipeline.redactor is not None else None
-        dialect.prepare(doc)
-        results = dialect.results(doc)
-        await judge.returned(results)
+        prepared = dialect.prepare(doc)
+        await judge.returned(dialect.results(doc))
         if self.cfg.redact_prompts:
             await judge.redact_prompts(dialect.texts(doc))
-        if before is not None and json.dumps(doc, sort_keys=True) == before:
+        if not prepared and not judge.changed:
             return body
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 

@@ -15,12 +15,14 @@ when `llm.redact_prompts` is on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gateway import metrics
 from gateway.call import Decision, Principal, Reason, ToolCall
@@ -109,6 +111,37 @@ def clip(name: Any) -> str:
     return text[:MAX_NAME].encode("unicode_escape").decode("ascii")
 
 
+class Seen:
+    """Tool results already redacted and scanned, per caller and conversation, so that a long
+    conversation resent on every turn is not scanned again each time (the last `SIZE` kept)."""
+
+    SIZE = 4096
+    _UNCHANGED: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self._known: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+
+    @staticmethod
+    def key(principal: str, session: str | None, resource: str, texts: list[str]) -> bytes:
+        digest = hashlib.sha256(f"{principal}\x00{session}\x00{resource}".encode())
+        for text in texts:
+            digest.update(b"\x00" + text.encode("utf-8", "surrogatepass"))
+        return digest.digest()
+
+    def get(self, key: bytes) -> dict[str, Any] | Literal[False] | None:
+        """The redacted result (None: unchanged) when seen; False when not."""
+        found = self._known.get(key)
+        if found is None:
+            return False
+        self._known.move_to_end(key)
+        return None if found is self._UNCHANGED else found
+
+    def put(self, key: bytes, redacted: dict[str, Any] | None) -> None:
+        self._known[key] = self._UNCHANGED if redacted is None else redacted
+        if len(self._known) > self.SIZE:
+            self._known.popitem(last=False)
+
+
 class Judge:
     """Decides the tool calls of one model answer for one caller; see the module docstring."""
 
@@ -123,6 +156,7 @@ class Judge:
         client: str | None,
         session: str | None,
         trace_id: str,
+        seen: Seen | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.tools = tools
@@ -133,6 +167,9 @@ class Judge:
         self.trace_id = trace_id
         self.asked = 0
         self.released = 0
+        self.changed = False
+        """A tool result or the conversation's text was rewritten: the request must be re-serialised."""
+        self.seen = seen if seen is not None else Seen()
 
     def target(self, name: str) -> tuple[str, str]:
         """(upstream, tool) of a model's tool name: mapped, else in the namespace."""
@@ -219,13 +256,21 @@ class Judge:
             if not found.slots:
                 continue
             call = self.call(found.call_id, found.name or "(unknown)", {})
-            result = {"content": [{"type": "text", "text": slot.text} for slot in found.slots]}
+            texts = [slot.text for slot in found.slots]
+            result = {"content": [{"type": "text", "text": text} for text in texts]}
             if found.latest:
                 redacted, _ = await self.pipeline.returned(call, result)
             else:
-                redacted, _ = await self.pipeline.redact_result(call, allow, result)
+                # resent with the history: scanned once per conversation, then answered from memory
+                key = self.seen.key(self.principal.key, self.session, call.resource, texts)
+                if (known := self.seen.get(key)) is not False:
+                    redacted = known
+                else:
+                    redacted, _ = await self.pipeline.redact_result(call, allow, result)
+                    self.seen.put(key, redacted)
             if redacted is not None:
                 _write_back(found.slots, redacted)
+                self.changed = True
 
     async def redact_prompts(self, slots: list[Slot]) -> dict[str, int]:
         """Replace PII and secrets in the conversation's text (`llm.redact_prompts`) in place;
@@ -241,6 +286,7 @@ class Judge:
         for slot, text in zip(slots, texts, strict=True):
             if isinstance(text, str) and text != slot.text:
                 slot.set(text)
+                self.changed = True
         return found
 
 

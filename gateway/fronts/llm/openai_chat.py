@@ -34,8 +34,8 @@ class ChatCompletions:
     def error(self, status: int, message: str) -> dict[str, Any]:
         return openai_error(status, message)
 
-    def prepare(self, body: dict[str, Any]) -> None:
-        pass
+    def prepare(self, body: dict[str, Any]) -> bool:
+        return False
 
     def stream_error(self, message: str) -> bytes:
         return frame(openai_error(502, message))

@@ -61,17 +61,17 @@ class Responses:
             "error",
         )
 
-    def prepare(self, body: dict[str, Any]) -> None:
+    def prepare(self, body: dict[str, Any]) -> bool:
         """Answer the refused calls of a stored response this request follows (module docstring)."""
         previous = body.get("previous_response_id")
         refused = self._refused.get(previous) if isinstance(previous, str) else None
         if not refused:
-            return
+            return False
         items = body.get("input")
         if isinstance(items, str):
             items = [{"role": "user", "content": items}]
         if not isinstance(items, list):
-            return
+            return False
         answered = {i.get("call_id") for i in items if isinstance(i, dict) and i.get("type") in OUTPUTS}
         answers = [
             {"type": "function_call_output", "call_id": call_id, "output": text}
@@ -79,6 +79,7 @@ class Responses:
             if call_id not in answered
         ]
         body["input"] = answers + items
+        return bool(answers)
 
     def results(self, body: dict[str, Any]) -> list[ToolResult]:
         items = body.get("input")
