@@ -1,14 +1,14 @@
 """The LLM API front, measured: a model call direct to the provider vs. through `/llm/...`.
 
     python -m bench.llm [-n N] [-c C] [--rounds R] [--no-redaction] [--only KEYS]
-                        [--profile FILE] [--no-write]
+                        [--profile FILE] [--work-dir DIR] [--no-write]
 
 Three kinds of process share the machine, as in `python -m bench`: the provider (the tests'
 `ProviderDouble` in its own process, `bench.llm_provider`, answering by model name), Bastion
 (`bastion serve` on a generated config: the repo's policies plus `POLICY`, SQLite audit and state,
 the dev key's JWKS as issuer, providers `anthropic` and `openai` reached with a key read from a
-file) and this process, the load generator (raw httpx: C workers, each with one keep-alive
-connection per path, so the client's cost stays small and the same for every path).
+file) and this process, the load generator (raw httpx, no SDK: C workers, each with its own
+client and keep-alive connection, so the client's cost stays small and the same on every path).
 
 Scenarios (`CASES`): Anthropic Messages without tool calls; with 2 tool calls, one permitted and
 one forbidden by policy; the same streamed (text, then the two calls, the provider pausing
@@ -31,6 +31,7 @@ import gc
 import json
 import shlex
 import shutil
+import ssl
 import sys
 import tempfile
 import time
@@ -332,10 +333,31 @@ async def _one(
     return latency * 1000, None if first is None else first * 1000, problem
 
 
+_LIMITS = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+_TLS = ssl.create_default_context()
+"""Shared by every client (all plain http): a client builds a new one otherwise, at ~10 ms each."""
+
+
 async def _segment(
+    case: Case, arm: Arm, count: int, concurrency: int, tally: Tally | None, provider: int
+) -> None:
+    """`count` calls, `concurrency` at a time; recorded into `tally` (None: warm-up).
+
+    Each of the `concurrency` workers is one agent with its own client and keep-alive connection
+    (see `bench.load.drive`), opened for this segment only: a connection left idle while the
+    other paths run would meet the server's 5 s keep-alive timeout, and now and then be closed by
+    the server just as a request is sent on it (a ReadError that is nobody's fault but the harness's).
+    """
+    clients = [httpx.AsyncClient(limits=_LIMITS, timeout=60, verify=_TLS) for _ in range(concurrency)]
+    try:
+        await _calls(clients, case, arm, count, tally, provider)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+async def _calls(
     clients: list[httpx.AsyncClient], case: Case, arm: Arm, count: int, tally: Tally | None, provider: int
 ) -> None:
-    """`count` calls, one per free worker; recorded into `tally` (None: warm-up)."""
     url, body = arm.url(case), json.dumps(case.body, separators=(",", ":")).encode()
     remaining = count
     latencies: list[float] = []
@@ -387,10 +409,6 @@ async def drive(
     cases: list[Case], arms: list[Arm], provider: int, n: int, concurrency: int, rounds: int, warmup: int
 ) -> dict[tuple[str, str], Tally]:
     """Warm every (scenario, path) up, then run the rounds; `provider` is the provider's pid."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    clients = {
-        a.key: [httpx.AsyncClient(limits=limits, timeout=60) for _ in range(concurrency)] for a in arms
-    }
     tallies = {(c.key, a.key): Tally() for c in cases for a in arms_for(c, arms)}
     # what is alive now lives through the run: frozen, the collection before each segment skips it
     gc.collect()
@@ -398,17 +416,16 @@ async def drive(
     try:
         for case in cases:
             for arm in arms_for(case, arms):
-                await _segment(clients[arm.key], case, arm, warmup, None, provider)
+                await _segment(case, arm, warmup, concurrency, None, provider)
         for r in range(rounds):
             count = n // rounds + (1 if r < n % rounds else 0)
             for case in cases:
                 order = arms_for(case, arms)
                 for arm in order if r % 2 == 0 else reversed(order):
                     tally = tallies[(case.key, arm.key)]
-                    await _segment(clients[arm.key], case, arm, count, tally, provider)
+                    await _segment(case, arm, count, concurrency, tally, provider)
     finally:
         gc.unfreeze()
-        await asyncio.gather(*(c.aclose() for group in clients.values() for c in group))
     return tallies
 
 
@@ -642,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-redaction", action="store_true", help="skip the Bastion + redaction path")
     p.add_argument("--only", help=f"comma-separated scenarios: {','.join(c.key for c in CASES)}")
     p.add_argument("--profile", type=Path, help="sample Bastion (no redaction) with py-spy to FILE")
+    p.add_argument("--work-dir", type=Path, help="keep configs, databases and logs here (default: temporary)")
     p.add_argument("--output", type=Path, default=DOC, help="markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
@@ -659,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         redaction=not args.no_redaction,
         only=only,
         profile=args.profile,
+        work_dir=args.work_dir,
     )
     section = render(result)
     print(section)

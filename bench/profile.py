@@ -10,6 +10,8 @@ from pathlib import Path
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 WATCH = (
     "gateway/fronts/mcp/endpoint.py",
+    "gateway/fronts/llm/",
+    "gateway/upstreams/llm_provider.py",
     "gateway/pipeline.py",
     "gateway/upstreams/streamable_http.py",
     "gateway/identity/authenticator.py",

@@ -190,9 +190,17 @@ def tamper_insert_middle(path: Path) -> tuple[int, str]:
         path,
         (
             "INSERT INTO audit_records (id, ts, schema_version, instance, user, upstream, tool, action, "
-            "effect, status, prev_hash, hash, record, seq) VALUES (?, ?, 2, 'bastion-1', 'mallory', 'notes', "
-            "'read_note', 'call_tool', 'allow', 'ok', ?, ?, ?, 7)",
-            (forged["id"], "2025-03-01 12:00:06.623456", prev, forged["hash"], json.dumps(forged)),
+            "effect, status, prev_hash, hash, record, seq, call_id, protocol) VALUES (?, ?, 2, 'bastion-1', "
+            "'mallory', 'notes', 'read_note', 'call_tool', 'allow', 'ok', ?, ?, ?, 7, ?, ?)",
+            (
+                forged["id"],
+                "2025-03-01 12:00:06.623456",
+                prev,
+                forged["hash"],
+                json.dumps(forged),
+                forged["call_id"],
+                forged["protocol"],
+            ),
         ),
     )
     return 8, "disagrees with the hashed record"

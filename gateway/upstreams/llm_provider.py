@@ -32,7 +32,9 @@ class Provider:
         self.kind = cfg.kind
         self._base = cfg.url.rstrip("/")
         self._credential = _credential(name, cfg)
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
+        # idle connections are dropped before the usual 5 s server keep-alive ends: a request sent
+        # on a connection the server is closing fails, and a model call is never sent twice
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=32, keepalive_expiry=4.0)
         self._timeouts = httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s)
         self.client = httpx.AsyncClient(
             timeout=self._timeouts, limits=limits, transport=LeanTransport(limits), follow_redirects=False

@@ -72,13 +72,14 @@ class Messages:
         content = doc.get("content")
         if not isinstance(content, list):
             return doc
-        kept = 0
-        for i, block in enumerate(content):
-            if isinstance(block, dict) and block.get("type") == "tool_use":
-                verdict = await judge(Asked(block.get("id", ""), block.get("name", ""), block.get("input")))
-                content[i] = {**block, "input": verdict.arguments} if verdict.released else _text(verdict)
-                kept += verdict.released
-        if doc.get("stop_reason") == "tool_use" and kept == 0 and judge.asked:
+        at = [i for i, b in enumerate(content) if isinstance(b, dict) and b.get("type") == "tool_use"]
+        asked = [
+            Asked(content[i].get("id", ""), content[i].get("name", ""), content[i].get("input")) for i in at
+        ]
+        verdicts = await judge.all(asked)
+        for i, verdict in zip(at, verdicts, strict=True):
+            content[i] = {**content[i], "input": verdict.arguments} if verdict.released else _text(verdict)
+        if doc.get("stop_reason") == "tool_use" and asked and not any(v.released for v in verdicts):
             doc["stop_reason"] = "end_turn"
         return doc
 

@@ -43,9 +43,12 @@ from gateway.fronts.wire import RefusalLimiter, read_body, source_of, trace_id_o
 from gateway.identity.authenticator import Authenticator
 from gateway.pipeline import Pipeline
 from gateway.upstreams.llm_provider import Provider
+from gateway.upstreams.streamable_http import Reply
 
 log = logging.getLogger("bastion.llm")
 
+_UNKNOWN = ("openai", ChatCompletions())
+"""Answers a path that names no API (in OpenAI's error shape: it names no provider's either)."""
 RELAYED_HEADERS = frozenset({"retry-after", "retry-after-ms", "request-id", "x-request-id"})
 SESSION_HEADER = "x-bastion-session"
 """Names the conversation for taint (`context.session.tainted`); without it, the caller's agent."""
@@ -81,7 +84,7 @@ class LLMFront:
 
     async def __call__(self, request: Request) -> Response:
         name, api = request.path_params["provider"], request.path_params["api"]
-        kind, dialect = self.apis.get(api, ("openai", ChatCompletions()))
+        kind, dialect = self.apis.get(api, _UNKNOWN)
         provider = self.providers.get(name)
         if api not in self.apis or provider is None or provider.kind != kind:
             why = f"no model API at {request.url.path[:200]} (see llm.providers)"
@@ -121,12 +124,15 @@ class LLMFront:
                 ctype = reply.response.headers.get("content-type", "application/json")
                 return Response(raw, reply.status, headers, media_type=ctype)
             if reply.is_sse:
-                events = self._relay(dialect, reply.events(), judge)
+                events = self._relay(dialect, reply, judge)
                 return StreamingResponse(events, headers=headers, media_type="text/event-stream")
             answer = await _answer(reply.body(), self.max_depth)
             return JSONResponse(await dialect.answer(answer, judge), headers=headers)
         except BastionError as err:
             return self._bastion_error(dialect, err)
+        except Exception as exc:  # a bug: still an answer the SDKs can read (the call was recorded)
+            log.error("model call through %s failed inside the gateway", name, exc_info=exc)
+            return _error(dialect, 500, f"internal error ({type(exc).__name__})")
 
     async def _authenticate(self, request: Request, name: str, api: str) -> Principal:
         """The caller; a refused credential is recorded (rate-limited per address) and raised."""
@@ -153,16 +159,22 @@ class LLMFront:
             return body
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
-    async def _relay(
-        self, dialect: Dialect, events: AsyncIterator[Any], judge: Judge
-    ) -> AsyncIterator[bytes]:
-        """The stream as the agent gets it; a failure midway ends it with an error event."""
+    async def _relay(self, dialect: Dialect, reply: Reply, judge: Judge) -> AsyncIterator[bytes]:
+        """The stream as the agent gets it; a failure midway ends it with an error event. The
+        provider's stream is closed here, however the relay ends (its connection is not reused)."""
+        events = reply.events()
         try:
             async for out in dialect.relay(events, judge):
                 yield out
         except BastionError as err:
             log.warning("model stream from %s failed: %s", judge.llm["provider"], err.message)
             yield dialect.stream_error(err.message)
+        except Exception as exc:
+            log.error("model stream from %s failed inside the gateway", judge.llm["provider"], exc_info=exc)
+            yield dialect.stream_error(f"internal error ({type(exc).__name__})")
+        finally:
+            await events.aclose()
+            await reply.aclose()
 
     def _bastion_error(self, dialect: Dialect, err: BastionError) -> Response:
         headers: dict[str, str] = {}

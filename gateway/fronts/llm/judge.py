@@ -15,6 +15,7 @@ when `llm.redact_prompts` is on.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -193,6 +194,12 @@ class Judge:
             session=self.session,
             trace_id=self.trace_id,
         )
+
+    async def all(self, asked: list[Asked]) -> list[Verdict]:
+        """Decide the tool calls of a whole answer at once (their records share group commits)."""
+        if self.asked + len(asked) > MAX_TOOL_CALLS:
+            raise UpstreamError(f"the model asked for more than {MAX_TOOL_CALLS} tool calls in one answer")
+        return list(await asyncio.gather(*(self(one) for one in asked)))
 
     async def __call__(self, asked: Asked) -> Verdict:
         """Decide one asked tool call (and record it); refusals carry the text the model reads."""

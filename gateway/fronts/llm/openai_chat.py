@@ -83,11 +83,9 @@ class ChatCompletions:
                 asked.append(
                     {"id": "", "type": "function", "function": message.pop("function_call"), "legacy": True}
                 )
-            for call in asked:
-                if not isinstance(call, dict):
-                    continue
-                name, arguments, malformed = _parsed(call)
-                verdict = await judge(Asked(call.get("id", ""), name, arguments, malformed))
+            asked = [call for call in asked if isinstance(call, dict)]
+            verdicts = await judge.all([Asked(call.get("id", ""), *_parsed(call)) for call in asked])
+            for call, verdict in zip(asked, verdicts, strict=True):
                 if verdict.released and call.get("legacy"):
                     message["function_call"] = _released(call, verdict)["function"]
                 elif verdict.released:

@@ -117,12 +117,15 @@ class Responses:
         if not isinstance(output, list):
             return doc
         refused: list[tuple[str, str]] = []
-        for i, item in enumerate(output):
-            if isinstance(item, dict) and item.get("type") in CLIENT_SIDE:
-                verdict = await judge(_asked(item))
-                output[i] = _released(item, verdict) if verdict.released else _message(verdict.text)
-                if not verdict.released and isinstance(item.get("call_id"), str):
-                    refused.append((item["call_id"], verdict.text))
+        at = [
+            i for i, item in enumerate(output) if isinstance(item, dict) and item.get("type") in CLIENT_SIDE
+        ]
+        verdicts = await judge.all([_asked(output[i]) for i in at])
+        for i, verdict in zip(at, verdicts, strict=True):
+            item = output[i]
+            output[i] = _released(item, verdict) if verdict.released else _message(verdict.text)
+            if not verdict.released and isinstance(item.get("call_id"), str):
+                refused.append((item["call_id"], verdict.text))
         self._remember(doc.get("id"), refused)
         return doc
 
