@@ -6,7 +6,8 @@ Policies for the model's tools (`Tool::"llm/<name>"`), on top of the repo's:
 - `refund` above 100 needs a human (`big-refunds-need-approval`);
 - `send_email` is forbidden once the conversation is tainted by prompt injection;
 - the model's `say` is mapped to the MCP tool `demo/echo`.
-A budget allows two `web_search` calls a day per user. Redaction replaces e-mail addresses and US SSNs in the model's tool arguments and in tool results.
+A budget allows two `web_search` calls a day per user. Redaction replaces e-mail addresses and
+US SSNs in the model's tool arguments and in tool results.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ async def llm_env(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -
             llm=llm,
             redaction=redaction,
             admin={"groups": ["admins"]},
-            budgets=[{"name": "searches", "match": {"tools": ["llm/web_search"]}, "limit": 2, "window": "1d"}],
+            budgets=[
+                {"name": "searches", "match": {"tools": ["llm/web_search"]}, "limit": 2, "window": "1d"}
+            ],
         )
         async with running_gateway(cfg) as (base, gw):
             yield LLMEnv(base, gw, double, url, key)
