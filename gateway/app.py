@@ -196,6 +196,7 @@ class Gateway:
             calls=CallRegistry(self.state, cfg.idempotency, hmac_key, self.state_writer),
             pins=pins,
             tasks=TaskOwners(self.state),
+            durability=cfg.audit.durability,
         )
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(

@@ -312,6 +312,11 @@ class AuditConfig(_Strict):
     batch_max: int = Field(500, gt=0)
     batch_window_ms: float = Field(0, ge=0)
     """Extra wait for more records before a commit; 0 = records that arrive during a commit share the next."""
+    durability: Literal["strict", "intent"] = "strict"
+    """`strict`: a forwarded call's pending record is durable before it is forwarded and its final
+    record before it is answered. `intent`: the pending record as in strict; the final record is
+    group-committed without holding the answer (a crash in between leaves it `interrupted`, never
+    missing). See docs/audit.md."""
     on_unavailable: Literal["deny"] = "deny"
     """When the decision record cannot be written before forwarding, the call is denied (fail closed)."""
     signing_key_file: Path | None = None

@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -171,6 +171,7 @@ class Pipeline:
         calls: CallRegistry | None = None,
         pins: ToolPins | None = None,
         tasks: TaskOwners | None = None,
+        durability: Literal["strict", "intent"] = "strict",
     ) -> None:
         self.stages = tuple(stages)
         self.upstreams = upstreams
@@ -189,6 +190,9 @@ class Pipeline:
         """Who created which upstream task (None: task-augmented calls are not bound to owners)."""
         self.guards = {name: FaultGuard(name, up.cfg) for name, up in upstreams.items()}
         """Deadline, retries and circuit breaker per upstream, around every forwarded call."""
+        self.durability = durability
+        """`strict`: the final record is durable before the answer; `intent`: only the pending one
+        is (before forwarding), the final one is group-committed without holding the answer."""
         self._writer = writer
         self._instance = instance
         self._hmac_key = hmac_key
@@ -463,7 +467,12 @@ class Pipeline:
             if self._writer.is_pending(call.audit_id):
                 # the result may have changed what is known (PII found in it, a withheld result)
                 changes = {"pii": _pii(call), "decision": decision.to_json()}
-                await self._writer.complete(call.audit_id, final, outcome.result_sha256, changes)
+                completed = self._writer.complete(call.audit_id, final, outcome.result_sha256, changes)
+                if self.durability == "intent":
+                    # the intent is durable already: a crash before this commits leaves `interrupted`
+                    self.later(_logged(completed, call.audit_id))
+                    return
+                await completed
             else:
                 await self._writer.write(self._record(call, decision, final, outcome.result_sha256))
         except AuditStoreError as exc:
@@ -791,6 +800,16 @@ def _pii(call: ToolCall) -> dict[str, Any]:
     if call.pii_unscanned:
         pii["unscanned_bytes"] = call.pii_unscanned
     return pii
+
+
+async def _logged(completed: Awaitable[None], audit_id: str) -> None:
+    """Complete a record in the background (`audit.durability: intent`); a failure is logged and
+    counted, and the record stays `pending` until recovery marks it `interrupted`."""
+    try:
+        await completed
+    except AuditStoreError as exc:
+        metrics.AUDIT_FAILURES.inc()
+        log.error("audit completion failed for %s: %s", audit_id, exc)
 
 
 def owner_id(principal: Principal) -> str:

@@ -110,9 +110,13 @@ async def _wait_healthy(client: httpx.AsyncClient, base: str, proc: asyncio.subp
     raise AssertionError("bastion did not become healthy")
 
 
+@pytest.mark.parametrize("durability", ["strict", "intent"])
 async def test_kill_9_under_load_leaves_every_call_on_record(
-    recorded_upstream: tuple[str, Recorder], data_dir: Path, dev_key: DevKey, tmp_path: Path
+    recorded_upstream: tuple[str, Recorder], data_dir: Path, dev_key: DevKey, tmp_path: Path, durability: str
 ) -> None:
+    """`strict`: every answered call's final record was durable before its answer. `intent`: an
+    answered call may still be `pending` at the crash (its final record was not awaited), and is
+    `interrupted` after the restart; in both, nothing forwarded or answered is missing."""
     upstream_url, recorder = recorded_upstream
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -133,6 +137,7 @@ async def test_kill_9_under_load_leaves_every_call_on_record(
                     "instance": "crash-test",
                     "signing_key_file": str(signing_key),
                     "checkpoint_every": 50,
+                    "durability": durability,
                 },
                 "state": {"url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"},
                 "data_dir": str(tmp_path / "data"),
@@ -196,12 +201,14 @@ async def test_kill_9_under_load_leaves_every_call_on_record(
             await store.close()
         for call_id, saw in answered.items():
             assert call_id in at_crash, f"{call_id} was answered but has no record"
-            assert at_crash[call_id].status == saw, (call_id, at_crash[call_id].outcome)
+            allowed = {saw} if durability == "strict" or saw == "denied" else {saw, "pending"}
+            assert at_crash[call_id].status in allowed, (call_id, at_crash[call_id].outcome)
         for call_id in forwarded:
             assert call_id in at_crash, f"{call_id} reached the upstream but has no record"
         left_pending = {c for c, r in at_crash.items() if r.status == "pending"}
         assert left_pending, "the kill landed while calls were in flight"
-        assert not left_pending & answered.keys()
+        if durability == "strict":
+            assert not left_pending & answered.keys()
         assert all(at_crash[c].effect == "allow" for c in left_pending)
 
         proc = await start()  # the restart records what the crash left pending
