@@ -47,6 +47,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _no_constant(name: str) -> Any:
+    """`NaN`, `Infinity` and `-Infinity` are not JSON (RFC 8259), though Python's parser takes them:
+    no canonical form, no hash, and Cedar refuses them."""
+    raise ProtocolError(f"{name} is not a JSON value", PARSE_ERROR)
+
+
 def parse_json(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
     """JSON with duplicate keys refused (see the module docstring), nested at most `max_depth` deep."""
     too_deep = ProtocolError(
@@ -57,7 +63,7 @@ def parse_json(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
     except UnicodeDecodeError as exc:
         raise ProtocolError("body is not valid JSON: it is not UTF-8 text", PARSE_ERROR) from exc
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError as exc:
         raise too_deep from exc
     except ValueError as exc:

@@ -175,6 +175,7 @@ async def test_hostile_tool_name_is_escaped_in_the_refusal(env: LLMEnv) -> None:
         (b"[" * 200 + b"]" * 200, 400, "nested deeper"),
         (b'{"model": "m", "stream": "yes"}', 400, "stream"),
         (b"\xff\xfe", 400, "UTF-8"),
+        (b'{"model": "m", "temperature": NaN}', 400, "NaN"),
     ],
 )
 async def test_bad_request_bodies_are_refused_in_provider_shape(

@@ -336,3 +336,19 @@ async def test_a_lone_surrogate_in_arguments_is_a_jsonrpc_error(env: Env, argume
     assert "lone UTF-16 surrogate" in got.answer["error"]["message"]
     assert got.upstream_got == []
     await assert_still_serving(env, session)
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_nan_and_infinity_are_not_json(env: Env, constant: bytes) -> None:
+    """Python's parser takes them; nothing else agrees on them (no canonical form, no hash, Cedar
+    refuses them), so they are a parse error, never an argument."""
+    session = await env.legacy_session()
+    body = (
+        b'{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"echo","arguments":{"text":%s}}}'
+        % constant
+    )
+    got = await attempt(env, session, body)
+    assert got.status == 400 and got.answer["error"]["code"] == -32700
+    assert constant.decode().lstrip("-") in got.answer["error"]["message"]
+    assert got.upstream_got == []
+    await assert_still_serving(env, session)
