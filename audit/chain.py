@@ -10,7 +10,6 @@ until its outcome is known, then the completed record is chained in completion o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -36,5 +35,7 @@ def document_hash(doc: dict[str, Any]) -> str:
 
 def link(record: AuditRecord, head: Head) -> AuditRecord:
     """`record` as the next link after `head`, with `seq`, `prev_hash` and `hash` set."""
-    chained = dataclasses.replace(record, seq=head.seq + 1, prev_hash=head.hash, hash=None)
-    return dataclasses.replace(chained, hash=document_hash(chained.to_json()))
+    doc = record.to_json()
+    doc.update(seq=head.seq + 1, prev_hash=head.hash)
+    doc.pop("hash", None)
+    return record.but(seq=head.seq + 1, prev_hash=head.hash, hash=document_hash(doc))

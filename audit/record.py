@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 SCHEMA_VERSION = 2
 """2: `seq` (the record's place in its instance's chain), `prev_hash`/`hash` filled, `pending` status."""
 
@@ -57,6 +59,17 @@ class AuditRecord:
         if self.ts.tzinfo is None or self.ts.utcoffset() is None:
             raise ValueError("AuditRecord.ts must be timezone-aware")
         object.__setattr__(self, "ts", self.ts.astimezone(UTC))
+
+    def but(self, **changes: Any) -> AuditRecord:
+        """A copy with `changes` (validated field names), without `dataclasses.replace`'s
+        re-run of `__init__`: the writer makes two copies of every record it chains."""
+        unknown = changes.keys() - _FIELD_SET
+        if unknown:
+            raise TypeError(f"AuditRecord has no field(s) {', '.join(sorted(unknown))}")
+        new = object.__new__(AuditRecord)
+        for name in _FIELDS:
+            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        return new
 
     @property
     def effect(self) -> str | None:
@@ -125,7 +138,71 @@ def canonical_json(obj: Any) -> bytes:
 
     Stable across producers, so an HMAC or hash over it can be recomputed by any JCS library.
     Integers are written exactly (JCS assumes they fit in an IEEE double).
+
+    orjson writes the same bytes (compact, keys sorted, strings escaped as JCS escapes them) for
+    documents whose floats are first written the ECMAScript way (`orjson.Fragment`), whose keys
+    are ASCII or at least below U+10000 (where code point and UTF-16 order agree) and whose
+    integers fit in 64 bits; anything else takes the plain encoder below. Both are checked
+    against each other on generated documents (tests/test_audit.py).
     """
+    try:
+        prepared = _for_orjson(obj)
+        if prepared is not _SLOW:
+            return orjson.dumps(prepared, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        pass  # beyond 64 bits, a lone surrogate, a type JSON lacks: the plain encoder says which
+    return canonical_json_plain(obj)
+
+
+_SLOW = object()
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+"""Types orjson writes exactly as JCS does (within 64 bits, for int)."""
+
+
+def _for_orjson(obj: Any) -> Any:
+    """`obj` with floats as ECMAScript-formatted fragments (a copy only where there are floats),
+    or `_SLOW` when a key would sort differently in UTF-16. Written for speed: it walks every
+    record that is hashed."""
+    kind = type(obj)
+    if kind is float:
+        return orjson.Fragment(_es_number(obj))
+    if kind is dict:
+        out: dict[Any, Any] | None = None
+        for key, value in obj.items():
+            if type(key) is str and not key.isascii() and _astral(key):
+                return _SLOW
+            if type(value) in _PLAIN:
+                continue
+            new = _for_orjson(value)
+            if new is _SLOW:
+                return _SLOW
+            if new is not value:
+                if out is None:
+                    out = dict(obj)
+                out[key] = new
+        return obj if out is None else out
+    if kind is list or kind is tuple:
+        items: list[Any] | None = None
+        for i, value in enumerate(obj):
+            if type(value) in _PLAIN:
+                continue
+            new = _for_orjson(value)
+            if new is _SLOW:
+                return _SLOW
+            if new is not value:
+                if items is None:
+                    items = list(obj)
+                items[i] = new
+        return obj if items is None else items
+    if isinstance(obj, float):  # a float subclass (Decimal-like values are refused below)
+        return orjson.Fragment(_es_number(float(obj)))
+    return obj  # str/int subclasses, or a type orjson refuses as the plain encoder would
+
+
+def canonical_json_plain(obj: Any) -> bytes:
+    """`canonical_json` written in Python: the reference the fast path is checked against."""
     parts: list[str] = []
     _encode(obj, parts)
     return "".join(parts).encode("utf-8")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict, Unpack
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -165,8 +166,17 @@ def _row(record: AuditRecord) -> dict[str, Any]:
         "seq": record.seq,
         "call_id": record.call_id,
         "protocol": record.protocol,
-        "record": json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False),
+        "record": _document(doc),
     }
+
+
+def _document(doc: dict[str, Any]) -> str:
+    """A record's stored text: compact JSON in contract order (orjson; json for integers beyond
+    64 bits). Floats may be written differently by the two, but read back as the same value."""
+    try:
+        return orjson.dumps(doc).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _checkpoint_row(cp: Checkpoint) -> dict[str, Any]:

@@ -17,7 +17,6 @@ and when the writer closes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -301,8 +300,8 @@ class AuditWriter:
                 if base is None:
                     unknown.append(item)
                     continue
-                final = dataclasses.replace(
-                    base, outcome=item.outcome or {}, result_sha256=item.result_sha256, **(item.changes or {})
+                final = base.but(
+                    outcome=item.outcome or {}, result_sha256=item.result_sha256, **(item.changes or {})
                 )
             chained = link(final, heads[final.instance])
             heads[final.instance] = Head(chained.seq or 0, chained.hash)

@@ -17,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from audit.export import export_jsonl, run_export
-from audit.record import SCHEMA_VERSION, AuditRecord, args_hmac, canonical_json, new_id, shape_of
+from audit.record import (
+    SCHEMA_VERSION,
+    AuditRecord,
+    args_hmac,
+    canonical_json,
+    canonical_json_plain,
+    new_id,
+    shape_of,
+)
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 
@@ -431,3 +441,24 @@ async def test_run_export_to_file(tmp_path: Path) -> None:
             since=None, until=None, user=None, tool=None, effect=None, status=None,
         )  # fmt: skip
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "x.jsonl.partial").exists()
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=("Cs",))),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(st.characters(exclude_categories=("Cs",)), max_size=6), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON)
+def test_canonical_json_fast_path_writes_the_plain_encoders_bytes(value: Any) -> None:
+    """orjson (with ECMAScript floats) must produce exactly the reference encoder's RFC 8785 bytes."""
+    assert canonical_json(value) == canonical_json_plain(value)
