@@ -12,11 +12,12 @@ its errors). The audit record, not the log, is the place for the call's contents
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+import orjson
 
 from gateway.call import Decision, Outcome, ToolCall
 
@@ -40,7 +41,7 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str)
+        return orjson.dumps(doc, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
