@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -121,16 +121,21 @@ def parse_ts(text: str) -> datetime:
     return ts.astimezone(UTC)
 
 
-def new_id() -> str:
-    """A UUIDv7 (RFC 9562) string: unique and ordered by creation time, so ids sort like `ts`."""
+def new_id(unguessable: bool = False) -> str:
+    """A UUIDv7 (RFC 9562) string: unique and ordered by creation time, so ids sort like `ts`.
+
+    Record ids need to be unique, not secret: their random bits come from `random` (reseeded in
+    every forked worker). `unguessable` draws them from the kernel, for ids that are handed to
+    people (approval ids)."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(os.urandom(10), "big") if unguessable else random.getrandbits(80)
     value = (ms & (2**48 - 1)) << 80
     value |= 0x7 << 76
     value |= ((rand >> 62) & 0xFFF) << 64
     value |= 0b10 << 62
     value |= rand & (2**62 - 1)
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def canonical_json(obj: Any) -> bytes:

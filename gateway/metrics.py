@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -172,6 +172,20 @@ def upstream_label(upstream: str) -> str:
     return upstream if upstream in _upstreams else UNKNOWN
 
 
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, remembered: prometheus-client validates the values and takes a
+    lock on every `labels` call, and the governed path asks for the same few children each call.
+    Label values are bounded where they are chosen (`upstream_label`, `tool_label`)."""
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def tool_label(upstream: str, tool: str) -> str:
     """`tool`, or `_other` once `MAX_TOOL_LABELS` distinct tools have been seen (any name can be sent)."""
     key = (upstream, tool)
@@ -207,7 +221,7 @@ def decided(upstream: str, tool: str, decision: Decision, action: str = "call_to
     caller's to choose."""
     label = upstream_label(upstream)
     what = tool_label(label, tool) if action == "call_tool" and label != UNKNOWN else action
-    DECISIONS.labels(decision.effect, label, what).inc()
+    labelled(DECISIONS, decision.effect, label, what).inc()
     if decision.stage == "budget" and decision.effect == "deny":
         for reason in decision.reasons:
             if reason.policy.startswith("budget/"):

@@ -316,7 +316,7 @@ class Pipeline:
         for stage in self.stages:
             t0 = time.perf_counter()
             verdict = await stage(call)
-            metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - t0)
+            metrics.labelled(metrics.STAGE_SECONDS, stage.name).observe(time.perf_counter() - t0)
             if verdict is None:
                 continue
             if verdict.effect == "approval_required":
@@ -437,7 +437,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             await self._writer.begin(self._record(call, decision, pending, None))
-            metrics.STAGE_SECONDS.labels("audit_pending").observe(time.perf_counter() - t0)
+            metrics.labelled(metrics.STAGE_SECONDS, "audit_pending").observe(time.perf_counter() - t0)
         except AuditStoreError as exc:
             metrics.AUDIT_FAILURES.inc()
             log.error("audit write-ahead failed for %s, call denied: %s", call.audit_id, exc)
@@ -482,7 +482,7 @@ class Pipeline:
                 return  # refused because the store is down: the client is told so by the denial
             raise AuditUnavailable("the audit store is unavailable; the call is not answered") from exc
         finally:
-            metrics.STAGE_SECONDS.labels("audit").observe(time.perf_counter() - t0)
+            metrics.labelled(metrics.STAGE_SECONDS, "audit").observe(time.perf_counter() - t0)
             logs.call_finished(call, decision, outcome)
 
     async def refund(self, call: ToolCall) -> None:
@@ -633,7 +633,7 @@ class Pipeline:
             status, why = "failed", "the tool reported an error"
         else:
             status, why = "completed", None
-        metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(call.upstream_seconds())
+        metrics.labelled(metrics.UPSTREAM_SECONDS, call.upstream).observe(call.upstream_seconds())
         if isinstance(error, dict):
             metrics.UPSTREAM_ERRORS.labels(call.upstream, "jsonrpc").inc()
         outcome = Outcome(status, self.elapsed_ms(call), 200, why, sha256_hex(raw))
@@ -710,7 +710,7 @@ class Pipeline:
         if isinstance(err, DeadLetter):
             status = "dead_letter"
             upstream_status = upstream_status or err.upstream_status
-        metrics.UPSTREAM_SECONDS.labels(call.upstream).observe(call.upstream_seconds())
+        metrics.labelled(metrics.UPSTREAM_SECONDS, call.upstream).observe(call.upstream_seconds())
         kind = "timeout" if status == "timeout" else "http" if upstream_status else "transport"
         if isinstance(err, CircuitOpen | DeadLetter):
             kind = err.code

@@ -305,7 +305,7 @@ class Approvals:
         now = _now_ms()
         shown = call.redacted_args if call.redacted_args is not None else shape_of(call.arguments)
         values = {
-            "id": new_id(),
+            "id": new_id(unguessable=True),
             "binding": binding_of(p, call.upstream, call.tool, call.arguments),
             "status": "pending",
             "subject": p.sub,

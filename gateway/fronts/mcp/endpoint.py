@@ -124,7 +124,7 @@ class MCPFront:
                 response = await self._delete(request, upstream, principal)
         except BaseException as exc:
             response = self.error(request, exc, msg_id, f"/mcp/{upstream_name}")
-        metrics.REQUESTS.labels(request.method, str(response.status_code)).inc()
+        metrics.labelled(metrics.REQUESTS, request.method, str(response.status_code)).inc()
         return response
 
     def check_origin(self, request: Request) -> None:
@@ -160,7 +160,7 @@ class MCPFront:
         t0 = time.perf_counter()
         try:
             principal = await self.auth.authenticate(request.headers.get("authorization"), upstream.name)
-            metrics.STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
+            metrics.labelled(metrics.STAGE_SECONDS, "identity").observe(time.perf_counter() - t0)
         except AuthError as err:
             if body is not None:
                 self.refusals.check(source_of(request))
