@@ -7,6 +7,10 @@ only after the caller's own change is committed, so no call proceeds un-audited:
 - `complete(id, outcome, result_sha256)`: the pending row becomes the final record;
 - `write(record)`: a record that is final at once (a denial).
 
+`complete_later` is `complete` without the wait (`audit.durability: intent`): the change rides
+with the next batch someone waits for, or is committed on its own within `LAZY_S`, so a call's
+final record usually costs no commit of its own.
+
 Final records join their instance's hash chain (`audit.chain`) in the order they are committed;
 the writer is the only one that extends the chains of the instances it writes for, so one
 instance name must not be used by two running processes at once. Signed checkpoints are added
@@ -33,6 +37,8 @@ from audit.store import AuditStore, AuditStoreError
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+LAZY_S = 0.05
+"""Longest a `complete_later` change waits for a batch to ride with before it is committed alone."""
 RELINK_ATTEMPTS = 8
 """Re-links after losing a race for the next `seq` (two processes misconfigured with one name)."""
 """A completion whose batch failed is tried again with later batches this many times; if it
@@ -89,6 +95,7 @@ class AuditWriter:
         self._cp_every = checkpoint_every
         self._cp_interval = checkpoint_interval_s
         self._queue: deque[_Item] = deque()
+        self._lazy: deque[_Item] = deque()
         self._retry: list[_Item] = []
         self._pending: dict[str, AuditRecord] = {}
         self._heads: dict[str, Head] = {}
@@ -106,7 +113,7 @@ class AuditWriter:
     @property
     def pending(self) -> int:
         """Changes accepted but not yet committed or failed."""
-        return len(self._queue)
+        return len(self._queue) + len(self._lazy)
 
     @property
     def in_flight(self) -> int:
@@ -142,6 +149,20 @@ class AuditWriter:
         `changes`: other fields learned after the call was begun (`pii`, `decision`)."""
         await self._submit(_Item("complete", None, audit_id, outcome, result_sha256, changes))
 
+    def complete_later(
+        self,
+        audit_id: str,
+        outcome: dict[str, Any],
+        result_sha256: str | None,
+        changes: dict[str, Any] | None = None,
+    ) -> None:
+        """`complete` without waiting for the commit (see the module docstring). A failure is
+        logged; the row stays `pending` and the next start records it as `interrupted`."""
+        self._check_open()
+        self._lazy.append(_Item("complete", None, audit_id, outcome, result_sha256, changes))
+        if len(self._lazy) == 1 or len(self._lazy) >= self._batch_max:
+            self._work.set()  # the writer's wait is re-armed with the LAZY_S deadline
+
     async def recover(self, instance: str) -> int:
         """Record `instance`'s pending rows, left by a process that stopped without finishing
         them, as `interrupted`; return how many. Run before the instance takes new calls."""
@@ -168,13 +189,16 @@ class AuditWriter:
     ) -> None:
         await self.close()
 
-    async def _submit(self, item: _Item) -> None:
+    def _check_open(self) -> None:
         if self._closing:
             raise AuditStoreError("audit writer is closed")
         if self._task is None:
             raise RuntimeError("audit writer not started")
         if self._task.done():
             raise AuditStoreError("audit writer stopped")
+
+    async def _submit(self, item: _Item) -> None:
+        self._check_open()
         item.fut = asyncio.get_running_loop().create_future()
         self._queue.append(item)
         self._work.set()
@@ -186,24 +210,40 @@ class AuditWriter:
         try:
             while True:
                 if not self._queue:
+                    if self._lazy and (self._closing or len(self._lazy) >= self._batch_max):
+                        await self._commit(self._take(self._lazy, self._batch_max))
+                        continue
                     if self._closing:
                         await self._final_checkpoints()
                         return
                     self._work.clear()
                     try:
-                        async with asyncio.timeout(self._cp_interval):
+                        async with asyncio.timeout(LAZY_S if self._lazy else self._cp_interval):
                             await self._work.wait()
                     except TimeoutError:
-                        await self._idle_checkpoints()
+                        if self._lazy:
+                            await self._commit(self._take(self._lazy, self._batch_max))
+                        else:
+                            await self._idle_checkpoints()
                         continue
                     await self._gather()
                     continue
-                n = min(len(self._queue), self._batch_max)
-                batch = [self._queue.popleft() for _ in range(n)]
-                await self._commit(batch)
+                batch = self._take(self._queue, self._batch_max)
+                await self._commit(batch + self._take(self._lazy, self._batch_max - len(batch)))
         finally:
-            self._fail(list(self._queue), AuditStoreError("audit writer stopped"))
+            stopped = AuditStoreError("audit writer stopped")
+            self._fail(list(self._queue), stopped)
             self._queue.clear()
+            if self._lazy:
+                log.error(
+                    "audit writer stopped with %d completion(s) uncommitted: they stay pending",
+                    len(self._lazy),
+                )
+                self._lazy.clear()
+
+    @staticmethod
+    def _take(queue: deque[_Item], n: int) -> list[_Item]:
+        return [queue.popleft() for _ in range(min(n, len(queue)))]
 
     async def _gather(self) -> None:
         """Give concurrent callers up to `window_ms` to join the batch about to be committed."""

@@ -467,12 +467,11 @@ class Pipeline:
             if self._writer.is_pending(call.audit_id):
                 # the result may have changed what is known (PII found in it, a withheld result)
                 changes = {"pii": _pii(call), "decision": decision.to_json()}
-                completed = self._writer.complete(call.audit_id, final, outcome.result_sha256, changes)
                 if self.durability == "intent":
                     # the intent is durable already: a crash before this commits leaves `interrupted`
-                    self.later(_logged(completed, call.audit_id))
+                    self._writer.complete_later(call.audit_id, final, outcome.result_sha256, changes)
                     return
-                await completed
+                await self._writer.complete(call.audit_id, final, outcome.result_sha256, changes)
             else:
                 await self._writer.write(self._record(call, decision, final, outcome.result_sha256))
         except AuditStoreError as exc:
@@ -800,16 +799,6 @@ def _pii(call: ToolCall) -> dict[str, Any]:
     if call.pii_unscanned:
         pii["unscanned_bytes"] = call.pii_unscanned
     return pii
-
-
-async def _logged(completed: Awaitable[None], audit_id: str) -> None:
-    """Complete a record in the background (`audit.durability: intent`); a failure is logged and
-    counted, and the record stays `pending` until recovery marks it `interrupted`."""
-    try:
-        await completed
-    except AuditStoreError as exc:
-        metrics.AUDIT_FAILURES.inc()
-        log.error("audit completion failed for %s: %s", audit_id, exc)
 
 
 def owner_id(principal: Principal) -> str:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from audit import writer as writer_mod
 from audit.export import export_jsonl, run_export
 from audit.record import (
     SCHEMA_VERSION,
@@ -462,3 +463,25 @@ _JSON = st.recursive(
 def test_canonical_json_fast_path_writes_the_plain_encoders_bytes(value: Any) -> None:
     """orjson (with ECMAScript floats) must produce exactly the reference encoder's RFC 8785 bytes."""
     assert canonical_json(value) == canonical_json_plain(value)
+
+
+async def test_complete_later_rides_with_the_next_batch(store: AuditStore) -> None:
+    """`audit.durability: intent`: completions are not awaited; they join the next batch someone
+    waits for (no commit of their own), else they are committed alone within `LAZY_S`."""
+    pending = [with_status(make_record(i), "pending") for i in range(5)]
+    async with AuditWriter(store, window_ms=0) as writer:
+        await asyncio.gather(*(writer.begin(r) for r in pending))
+        batches = writer.batches
+        for r in pending[:3]:
+            writer.complete_later(r.id, {"status": "completed", "latency_ms": 1.0}, None)
+        assert {r.status for r in await read_all(store)} == {"pending"}  # nothing committed yet
+        await writer.write(make_record(10))  # a denial: the completions ride with it
+        assert writer.batches == batches + 1
+        stored = {r.id: r.status for r in await read_all(store)}
+        assert [stored[r.id] for r in pending] == ["completed"] * 3 + ["pending"] * 2
+        writer.complete_later(pending[3].id, {"status": "completed", "latency_ms": 1.0}, None)
+        await asyncio.sleep(writer_mod.LAZY_S * 4)  # nobody else writes: committed alone
+        assert {r.id: r.status for r in await read_all(store)}[pending[3].id] == "completed"
+        writer.complete_later(pending[4].id, {"status": "completed", "latency_ms": 1.0}, None)
+    # closing commits what is left
+    assert {r.status for r in await read_all(store) if r.id in {p.id for p in pending}} == {"completed"}

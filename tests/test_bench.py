@@ -5,19 +5,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import harness, llm, report
+import pytest
+
+from bench import harness, llm, memory, report
 
 
+@pytest.mark.timeout(180)  # ~30 s on an idle 2-core machine; it starts 12 processes at once
 def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Path) -> None:
+    """The whole interleaved matrix with a tiny N, processes started once: the SDK's default server
+    (sessions, SSE) and the stateless one, legacy-session and 2026-07-28 clients, C = 3 and 1, each
+    cell with the bare proxy, the like-for-like arm, `intent` and (at C = 3) two workers, plus
+    (b) and (c) in the stateless 2026-07-28 cell. Every answer is checked by the run itself."""
     work = tmp_path / "work"
     work.mkdir()
-    run = harness.run(8, 4, "python -m bench -n 8 -c 4", micro_n=20, micro_optional=False, work_dir=work)
+    run = harness.run(
+        6,
+        3,
+        "python -m bench -n 6 -c 3",
+        micro_n=20,
+        micro_optional=False,
+        work_dir=work,
+        n_low=2,
+        rounds=1,
+        warmup=0,
+        commits=5,
+    )
 
     a, b = run.scenarios["a"].result, run.scenarios["b"].result
     assert a is not None and b is not None
-    assert (a.calls, a.errors, b.calls, b.errors) == (8, 0, 8, 0)
-    assert len(b.latencies_ms) == 8 and b.p99 >= b.p50 > 0
-    # /proc counts CPU in clock ticks (10 ms): with 16 calls a process may not reach one.
+    assert (a.calls, a.errors, b.calls, b.errors) == (6, 0, 6, 0)
+    assert len(b.latencies_ms) == 6 and b.p99 >= b.p50 > 0
+    # /proc counts CPU in clock ticks (10 ms): with a few calls a process may not reach one.
     assert set(b.cpu_ms_per_call) == {"load generator", "upstream", "bastion"}
     assert all(v >= 0 for v in b.cpu_ms_per_call.values())
     c = run.scenarios["c"]
@@ -26,10 +44,31 @@ def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Pa
     assert "JWT verify, cached token" in names
     assert any(m.name.startswith("audit records/s committed, SQLite") and m.value for m in run.micro)
 
-    # Bastion ran as an operator runs it (`gateway.cli serve`), logging one JSON line per call.
+    assert {c.key for c in run.cells} == {
+        f"{u}/{e}/c{c}" for u in ("json", "sdk") for e in ("modern", "legacy") for c in (3, 1)
+    }
+    for cell in run.cells:
+        arms = run.arms[cell.key]
+        assert arms[:3] == ["a", "p", "b0"] and "i" in arms
+        assert ("b0=" in arms) == (cell.client == "legacy")
+        assert ("w" in arms) == (cell.concurrency == 3)
+        for key in arms:
+            res = run.result(cell, key)
+            assert res is not None and res.errors == 0
+            assert res.calls == (6 if cell.concurrency == 3 else 2)
+    assert len(run.commits_ms) == 5 and run.commit_ms > 0
+    assert {"Bastion (b0)", "Bastion (i)", "Bastion (w)", "upstream (sdk)"} <= set(run.rss)
+    assert all(end > 0 for _, end in run.rss.values())
+
+    # Bastion ran as an operator runs it (`gateway.cli serve`), logging one JSON line per call,
+    # through all four upstream entries (auto and legacy, to either server).
     lines = [json.loads(x) for x in (work / "bastion-b.log").read_text().splitlines() if x.startswith("{")]
     calls = [x for x in lines if x.get("logger") == "bastion.calls"]
-    assert len(calls) >= 8 and {x["effect"] for x in calls} == {"allow"}
+    assert len(calls) >= 6 and {x["effect"] for x in calls} == {"allow"}
+    lines = [json.loads(x) for x in (work / "bastion-b0.log").read_text().splitlines() if x.startswith("{")]
+    calls = [x for x in lines if x.get("logger") == "bastion.calls"]
+    assert {x["effect"] for x in calls} == {"allow"}
+    assert {x.get("upstream") for x in calls} == {"bench", "bench-legacy", "sdk", "sdk-legacy"}
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
@@ -44,7 +83,29 @@ def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Pa
     text = doc.read_text()
     assert "intro kept" in text and "## Budgets\n\nkept too" in text and "\nold\n" not in text
     assert "| (a) direct to the upstream |" in text and "calls/s ratio" in text
-    assert "python -m bench -n 8 -c 4" in text and f"concurrency C = {run.concurrency}" in text
+    assert "python -m bench -n 6 -c 3" in text and f"concurrency C = {run.concurrency}" in text
+    assert "### The upstreams people run" in text and "| SDK default | legacy | 3 |" in text
+    assert "Targets of issue 25" in text and "One durable commit" in text
+    verdicts = [x for x in text.splitlines() if x.startswith(("- MET:", "- MISSED:", "- NOT MEASURED:"))]
+    assert any("like for like, the SDK's default server, legacy clients" in x for x in verdicts)
+    assert any("`intent` added p50" in x for x in verdicts)
+    assert any("redaction of a 1 KB text" in x for x in verdicts)
+
+
+def test_memory_check_drives_every_kind_of_call_and_judges_growth(tmp_path: Path) -> None:
+    """`python -m bench.memory` with a tiny N (the real check, 100,000 calls, is not run in CI)."""
+    seen: list[str] = []
+    points = memory.run(40, concurrency=2, chunk=20, renew=3, work_dir=tmp_path, say=seen.append)
+    assert [calls for calls, _, _ in points] == [40] and points[0][1] > 0 and len(seen) == 1
+    log = (tmp_path / "bastion-memory.log").read_text().splitlines()
+    lines = [json.loads(x) for x in log if x.startswith("{")]
+    calls = [x for x in lines if x.get("logger") == "bastion.calls"]
+    assert len(calls) == 40 and {x["effect"] for x in calls} == {"allow"}
+    assert {x["upstream"] for x in calls} == {"sdk", "sdk-legacy"}
+    assert memory.verdict(points).startswith("- NOT MEASURED")
+    mb = 2**20
+    assert memory.verdict([(1_000, 100 * mb, 1.0), (9_000, 109 * mb, 9.0)]).startswith("- MET")
+    assert memory.verdict([(1_000, 100 * mb, 1.0), (9_000, 111 * mb, 9.0)]).startswith("- MISSED")
 
 
 def test_llm_bench_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Path) -> None:
