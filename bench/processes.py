@@ -67,8 +67,12 @@ def supported(section: str, value: Any, base: dict[str, Any], where: Path) -> st
     return None
 
 
-def gateway_config(work: Path, upstream_url: str, port: int) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """Bastion's config for the benchmark; also says which optional sections this build supports."""
+def gateway_config(
+    work: Path, upstream_url: str, port: int, upstreams: dict[str, dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Bastion's config for the benchmark; also says which optional sections this build supports.
+
+    `upstreams` replaces the one upstream `bench` at `upstream_url` (name -> its config)."""
     key = ensure_dev_key(work)
     policies = work / "policies"
     policies.mkdir(exist_ok=True)
@@ -78,7 +82,7 @@ def gateway_config(work: Path, upstream_url: str, port: int) -> tuple[dict[str, 
         "listen": {"host": "127.0.0.1", "port": port},
         "identity": {"issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(key.jwks_path)}]},
         "policy": {"dir": str(policies)},
-        "upstreams": {UPSTREAM: {"url": upstream_url}},
+        "upstreams": upstreams or {UPSTREAM: {"url": upstream_url}},
         "audit": {"url": f"sqlite+aiosqlite:///{work / 'audit.db'}"},
         "state": {"url": f"sqlite+aiosqlite:///{work / 'state.db'}"},
         "data_dir": str(work),
@@ -86,6 +90,7 @@ def gateway_config(work: Path, upstream_url: str, port: int) -> tuple[dict[str, 
     extras = {
         "budgets": supported("budgets", BUDGETS, base, work),
         "redaction": supported("redaction", REDACTION, base, work),
+        "intent": supported("audit", {**base["audit"], "durability": "intent"}, base, work),
     }
     return base, extras
 
@@ -119,13 +124,45 @@ class Proc:
         self._out.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process (all its threads) has used so far; 0 where /proc is missing."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3 is index 0), or None."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (the workers of `listen.workers: N`), from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def cpu_seconds(pid: int, tree: bool = False) -> float:
+    """User + system CPU time a process (all its threads) has used so far; 0 where /proc is missing.
+    With `tree`, its live children's (and theirs) too: a supervisor and its workers."""
+    fields = _stat(pid)
+    own = 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + (sum(cpu_seconds(child, True) for child in children(pid)) if tree else 0.0)
+
+
+def rss_bytes(pid: int, tree: bool = False) -> int:
+    """Resident set size of a process (with `tree`: summed over it and its live descendants, which
+    counts pages they share once per process); 0 where /proc is missing."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        return 0
+    return total + (sum(rss_bytes(child, True) for child in children(pid)) if tree else 0)
 
 
 def wait_ready(
@@ -145,16 +182,26 @@ def wait_ready(
 
 
 @contextlib.contextmanager
-def upstream(work: Path) -> Iterator[tuple[Proc, str]]:
+def upstream(work: Path, kind: str = "json", ready: bool = True) -> Iterator[tuple[Proc, str]]:
+    """The benchmark's upstream (`bench.upstream`, `kind` json or sdk), in its own process. With
+    `ready=False` it yields as soon as the process is started: call `wait_mcp` before using it."""
     port = free_port()
-    proc = Proc("upstream", [sys.executable, "-m", "bench.upstream", str(port)], work / "upstream.log")
+    name = "upstream" if kind == "json" else f"upstream-{kind}"
+    argv = [sys.executable, "-m", "bench.upstream", str(port), kind]
+    proc = Proc(name, argv, work / f"{name}.log")
     try:
         url = f"http://127.0.0.1:{port}/mcp"
-        content, headers = _discover_probe()
-        wait_ready(proc, url, (200,), method="POST", content=content, headers=headers)
+        if ready:
+            wait_mcp(proc, url)
         yield proc, url
     finally:
         proc.stop()
+
+
+def wait_mcp(proc: Proc, url: str, timeout: float = 30.0) -> None:
+    """Until the MCP endpoint `url` answers a 2026-07-28 `server/discover`."""
+    content, headers = _discover_probe()
+    wait_ready(proc, url, (200,), timeout, method="POST", content=content, headers=headers)
 
 
 def _discover_probe() -> tuple[str, dict[str, str]]:
@@ -200,15 +247,18 @@ def wait_llm_provider(proc: Proc, url: str) -> None:
 
 
 @contextlib.contextmanager
-def passthrough(work: Path, upstream_url: str) -> Iterator[tuple[Proc, str]]:
-    """The bare forwarding proxy of scenario (p) (`bench.passthrough`), in its own process."""
+def passthrough(
+    work: Path, upstream_url: str, name: str = "passthrough", ready: bool = True
+) -> Iterator[tuple[Proc, str]]:
+    """The bare forwarding proxy of scenario (p) (`bench.passthrough`), in its own process (with
+    `ready=False`: call `wait_mcp` before using it)."""
     port = free_port()
     argv = [sys.executable, "-m", "bench.passthrough", str(port), upstream_url]
-    proc = Proc("passthrough", argv, work / "passthrough.log")
+    proc = Proc(name, argv, work / f"{name}.log")
     try:
         url = f"http://127.0.0.1:{port}/mcp"
-        content, headers = _discover_probe()
-        wait_ready(proc, url, (200,), method="POST", content=content, headers=headers)
+        if ready:
+            wait_mcp(proc, url)
         yield proc, url
     finally:
         proc.stop()
@@ -232,9 +282,9 @@ def bastion(work: Path, cfg: dict[str, Any], name: str, ready: bool = True) -> I
         proc.stop()
 
 
-def wait_bastion(proc: Proc, base: str) -> None:
+def wait_bastion(proc: Proc, base: str, timeout: float = 30.0) -> None:
     """Until Bastion at `base` (`http://HOST:PORT`) is ready."""
-    wait_ready(proc, f"{base}/readyz", (200,))
+    wait_ready(proc, f"{base}/readyz", (200,), timeout)
 
 
 @contextlib.contextmanager

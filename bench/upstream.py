@@ -1,6 +1,13 @@
 """The benchmark's upstream: the SDK's `MCPServer` with one `echo` tool, in its own process.
 
-`python -m bench.upstream PORT` serves it at http://127.0.0.1:PORT/mcp until terminated.
+`python -m bench.upstream PORT [json|sdk]` serves it at http://127.0.0.1:PORT/mcp until terminated:
+
+- `json` (the default): `json_response=True, stateless_http=True`, no sessions, every answer one
+  JSON body; the cheapest way to run the SDK's server.
+- `sdk`: `streamable_http_app()` with the SDK's defaults, as most deployed servers run it:
+  `initialize` opens a session (`Mcp-Session-Id`) that the server keeps, and answers to a
+  legacy-session client's requests come as an SSE stream. A 2026-07-28 client's stateless
+  requests are answered as JSON by the same server.
 """
 
 from __future__ import annotations
@@ -49,14 +56,22 @@ def serve(app: Any, port: int) -> None:
     )
 
 
-def main(port: int) -> None:
-    serve(
-        echo_server().streamable_http_app(
+KINDS = ("json", "sdk")
+
+
+def app_for(kind: str) -> Any:
+    if kind == "json":
+        return echo_server().streamable_http_app(
             streamable_http_path="/mcp", json_response=True, stateless_http=True
-        ),
-        port,
-    )
+        )
+    if kind == "sdk":
+        return echo_server().streamable_http_app(streamable_http_path="/mcp")
+    raise ValueError(f"upstream kind {kind!r}: one of {', '.join(KINDS)}")
+
+
+def main(port: int, kind: str = "json") -> None:
+    serve(app_for(kind), port)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), *sys.argv[2:3])

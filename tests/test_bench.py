@@ -10,7 +10,7 @@ import pytest
 from bench import harness, llm, memory, report
 
 
-@pytest.mark.timeout(180)  # ~30 s on an idle 2-core machine; it starts 12 processes at once
+@pytest.mark.timeout(180)  # ~22 s on an idle 2-core machine; it starts 11 processes at once
 def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Path) -> None:
     """The whole interleaved matrix with a tiny N, processes started once: the SDK's default server
     (sessions, SSE) and the stateless one, legacy-session and 2026-07-28 clients, C = 3 and 1, each
@@ -92,20 +92,13 @@ def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Pa
     assert any("redaction of a 1 KB text" in x for x in verdicts)
 
 
-def test_memory_check_drives_every_kind_of_call_and_judges_growth(tmp_path: Path) -> None:
-    """`python -m bench.memory` with a tiny N (the real check, 100,000 calls, is not run in CI)."""
-    seen: list[str] = []
-    points = memory.run(40, concurrency=2, chunk=20, renew=3, work_dir=tmp_path, say=seen.append)
-    assert [calls for calls, _, _ in points] == [40] and points[0][1] > 0 and len(seen) == 1
-    log = (tmp_path / "bastion-memory.log").read_text().splitlines()
-    lines = [json.loads(x) for x in log if x.startswith("{")]
-    calls = [x for x in lines if x.get("logger") == "bastion.calls"]
-    assert len(calls) == 40 and {x["effect"] for x in calls} == {"allow"}
-    assert {x["upstream"] for x in calls} == {"sdk", "sdk-legacy"}
-    assert memory.verdict(points).startswith("- NOT MEASURED")
+def test_memory_check_judges_growth_against_the_rss_after_1000_calls() -> None:
+    """`python -m bench.memory`'s verdict (the check itself, 100,000 calls, is not run in CI)."""
     mb = 2**20
+    assert memory.points(100_000) == [1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000]
     assert memory.verdict([(1_000, 100 * mb, 1.0), (9_000, 109 * mb, 9.0)]).startswith("- MET")
     assert memory.verdict([(1_000, 100 * mb, 1.0), (9_000, 111 * mb, 9.0)]).startswith("- MISSED")
+    assert memory.verdict([(40, 100 * mb, 1.0)]).startswith("- NOT MEASURED")
 
 
 def test_llm_bench_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Path) -> None:
