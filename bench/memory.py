@@ -14,7 +14,7 @@ that vary everything a cache could keep:
 - every `--chunk` calls come from a new user (a new token, a new principal, a new budget counter).
 
 Bastion's RSS (from /proc) is printed after 1,000 calls and at points up to N; the check is that
-RSS after N calls is within 10% of RSS after 1,000 (issue 25). Not part of CI: 100,000 calls take
+RSS after N calls is within 10% of RSS after 1,000 (). Not part of CI: 100,000 calls take
 minutes. Nothing is written to docs/benchmarks.md.
 """
 

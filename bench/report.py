@@ -26,7 +26,7 @@ ISSUE = {
     "sdk_ratio": 0.9,
     "redaction_ms_per_kb": 0.5,
 }
-"""The targets of issue 25, printed as MET / MISSED from the run's own numbers."""
+"""The targets , printed as MET / MISSED from the run's own numbers."""
 UPSTREAM_SHORT = {"json": "stateless JSON", "sdk": "SDK default"}
 
 
@@ -88,7 +88,7 @@ def _cpu(res: LoadResult | None) -> float | None:
 
 
 def issue_targets(run: Run) -> list[str]:
-    """The targets of issue 25 (deliverables 1-3), each MET / MISSED from this run's numbers."""
+    """The targets  (deliverables 1-3), each MET / MISSED from this run's numbers."""
     out: list[str] = []
     base = run.baseline
     p_cpu = _cpu(run.result(base, "p"))
@@ -309,7 +309,7 @@ def render(run: Run) -> str:
             f"over the rounds, next to the audit databases{on}): "
             f"p50 {run.commit_ms:.2f} ms, p90 {p90:.2f} ms.",
         ]
-    lines += ["", "Targets of issue 25, from this run:", "", *issue_targets(run)]
+    lines += ["", "The speed targets, from this run:", "", *issue_targets(run)]
     lines.append(
         "- memory (RSS after 100,000 calls within 10% of RSS after 1,000): `python -m bench.memory`, "
         "not part of this run (see below)"
