@@ -85,7 +85,7 @@ def test_harness_runs_end_to_end_and_keeps_the_rest_of_the_document(tmp_path: Pa
     assert "| (a) direct to the upstream |" in text and "calls/s ratio" in text
     assert "python -m bench -n 6 -c 3" in text and f"concurrency C = {run.concurrency}" in text
     assert "### The upstreams people run" in text and "| SDK default | legacy | 3 |" in text
-    assert "Targets of issue 25" in text and "One durable commit" in text
+    assert "The speed targets" in text and "One durable commit" in text
     verdicts = [x for x in text.splitlines() if x.startswith(("- MET:", "- MISSED:", "- NOT MEASURED:"))]
     assert any("like for like, the SDK's default server, legacy clients" in x for x in verdicts)
     assert any("`intent` added p50" in x for x in verdicts)
