@@ -87,7 +87,7 @@ def _cpu(res: LoadResult | None) -> float | None:
     return None if res is None else res.cpu_ms_per_call.get("bastion")
 
 
-def issue_targets(run: Run) -> list[str]:
+def speed_targets(run: Run) -> list[str]:
     """The targets  (deliverables 1-3), each MET / MISSED from this run's numbers."""
     out: list[str] = []
     base = run.baseline
@@ -309,7 +309,7 @@ def render(run: Run) -> str:
             f"over the rounds, next to the audit databases{on}): "
             f"p50 {run.commit_ms:.2f} ms, p90 {p90:.2f} ms.",
         ]
-    lines += ["", "The speed targets, from this run:", "", *issue_targets(run)]
+    lines += ["", "The speed targets, from this run:", "", *speed_targets(run)]
     lines.append(
         "- memory (RSS after 100,000 calls within 10% of RSS after 1,000): `python -m bench.memory`, "
         "not part of this run (see below)"
