@@ -566,6 +566,9 @@ class LLMTools(_Strict):
     """A model's tool `<name>` is Cedar's `Tool::"<namespace>/<name>"` unless mapped."""
     map: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/.{1,200}$")]] = {}
     """Model tool name -> `<upstream>/<tool>`: the same Cedar resource as that MCP tool."""
+    hide_denied: bool = True
+    """Leave out of the request's `tools` those the caller can never be allowed to call (as
+    `tools/list` does on /mcp), so the model is not offered them."""
 
 
 class LLMConfig(_Strict):

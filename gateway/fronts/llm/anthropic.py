@@ -17,6 +17,7 @@ from gateway.errors import UpstreamError
 from gateway.fronts.llm.dialect import SSE, frame, parse_event, text_slots
 from gateway.fronts.llm.judge import Asked, Judge, Slot, ToolResult, Verdict, parse_arguments
 
+_CLIENT_TOOLS = ("bash_", "text_editor_", "computer_", "memory_")
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -36,6 +37,16 @@ class Messages:
 
     def prepare(self, body: dict[str, Any]) -> bool:
         return False
+
+    def tool_name(self, tool: Any) -> str | None:
+        """Custom tools, and the Anthropic-defined ones the client runs (bash, text editor,
+        computer, memory); server tools (web search, code execution) run at the provider."""
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            return None
+        kind = tool.get("type")
+        if kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOLS)):
+            return str(tool["name"])
+        return None
 
     def stream_error(self, message: str) -> bytes:
         return frame(self.error(502, message), "error")

@@ -38,6 +38,11 @@ class Dialect(Protocol):
         """The tool results in a request, going to the model."""
         ...
 
+    def tool_name(self, tool: Any) -> str | None:
+        """The name of a tool the caller declares in `tools`, when it is one the agent runs
+        (None: a provider-side tool, or not one this dialect reads)."""
+        ...
+
     def texts(self, body: dict[str, Any]) -> list[Slot]:
         """The conversation's text in a request (for `llm.redact_prompts`)."""
         ...

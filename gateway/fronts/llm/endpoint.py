@@ -152,6 +152,8 @@ class LLMFront:
         """The request as the provider gets it: tool results redacted and scanned, the
         conversation's text redacted when configured; the caller's bytes when nothing changed."""
         prepared = dialect.prepare(doc)
+        if self.cfg.tools.hide_denied and await _hide_denied(dialect, doc, judge):
+            prepared = True
         await judge.returned(dialect.results(doc))
         if self.cfg.redact_prompts:
             await judge.redact_prompts(dialect.texts(doc))
@@ -184,6 +186,21 @@ class LLMFront:
             meta = f"{self.base_url}/.well-known/oauth-protected-resource"
             headers["www-authenticate"] = self.auth.www_authenticate(meta, err)
         return _error(dialect, err.http_status, err.message, headers)
+
+
+async def _hide_denied(dialect: Dialect, doc: dict[str, Any], judge: Judge) -> bool:
+    """Drop the declared tools the caller may never call (`llm.tools.hide_denied`); whether any was."""
+    tools = doc.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return False
+    keep = await judge.offered([dialect.tool_name(t) for t in tools])
+    if all(keep):
+        return False
+    doc["tools"] = [t for t, kept in zip(tools, keep, strict=True) if kept]
+    if not doc["tools"]:  # the APIs refuse an empty list, and these without tools
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            doc.pop(key, None)
+    return True
 
 
 async def _answer(body: Awaitable[bytes], max_depth: int) -> dict[str, Any]:

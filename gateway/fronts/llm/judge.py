@@ -25,12 +25,15 @@ from collections.abc import Iterable, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from gateway import metrics
 from gateway.call import Decision, Principal, Reason, ToolCall
 from gateway.config import LLMTools
 from gateway.errors import UpstreamError
 from gateway.fronts.jsonrpc import parse_json
 from gateway.pipeline import Pipeline
+from gateway.stages.taint import session_key
 
 MAX_TOOL_CALLS = 128
 """Most tool calls one model answer may hold; more fails the answer (nothing is released)."""
@@ -254,6 +257,34 @@ class Judge:
         )
 
     # -- the other direction: what goes to the model ---------------------------------------------
+
+    async def offered(self, names: list[str | None]) -> list[bool]:
+        """For each tool the caller declares (None: one Bastion does not govern, kept), whether
+        the model may be offered it: Cedar could allow `call_tool` on it for some arguments in
+        this conversation, as `tools/list` decides on /mcp. Fails closed: unreadable taint hides."""
+        tainted = False
+        taint = self.pipeline.taint
+        if taint is not None and (key := session_key(self.principal, self.session)) is not None:
+            try:
+                tainted = await taint.is_tainted(key)
+            except SQLAlchemyError:
+                return [name is None for name in names]
+        by_upstream: dict[str, list[str]] = {}
+        for name in names:
+            if name is not None and _NAME.fullmatch(name):
+                upstream, tool = self.target(name)
+                by_upstream.setdefault(upstream, []).append(tool)
+        allowed = {
+            (upstream, tool)
+            for upstream, tools in by_upstream.items()
+            for tool in self.pipeline.policy.listable(
+                self.principal, "call_tool", upstream, tools, tainted, False
+            )
+        }
+        return [
+            name is None or (_NAME.fullmatch(name) is not None and self.target(name) in allowed)
+            for name in names
+        ]
 
     async def returned(self, results: Iterable[ToolResult]) -> None:
         """Redact and scan each tool result on its way to the model, in place; the new ones are

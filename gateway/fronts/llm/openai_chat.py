@@ -37,6 +37,13 @@ class ChatCompletions:
     def prepare(self, body: dict[str, Any]) -> bool:
         return False
 
+    def tool_name(self, tool: Any) -> str | None:
+        if not isinstance(tool, dict) or tool.get("type") not in ("function", "custom"):
+            return None
+        spec = tool.get(str(tool["type"]))
+        name = spec.get("name") if isinstance(spec, dict) else None
+        return name if isinstance(name, str) else None
+
     def stream_error(self, message: str) -> bytes:
         return frame(openai_error(502, message))
 

@@ -39,6 +39,14 @@ CLIENT_SIDE = {
     "apply_patch_call": "operation",
 }
 """Output item types the agent executes, and the field holding what the tool is asked to do."""
+_BUILT_IN = {
+    "computer_use_preview": "computer",
+    "computer": "computer",
+    "local_shell": "local_shell",
+    "shell": "shell",
+    "apply_patch": "apply_patch",
+}
+"""Client-side built-in tools as declared, and the tool name their calls are governed under."""
 OUTPUTS = ("function_call_output", "custom_tool_call_output")
 ANSWERS = ("message", "reasoning", *CLIENT_SIDE)
 REMEMBERED = 10_000
@@ -80,6 +88,14 @@ class Responses:
         ]
         body["input"] = answers + items
         return bool(answers)
+
+    def tool_name(self, tool: Any) -> str | None:
+        if not isinstance(tool, dict):
+            return None
+        kind = tool.get("type")
+        if kind in ("function", "custom"):
+            return tool["name"] if isinstance(tool.get("name"), str) else None
+        return _BUILT_IN.get(kind) if isinstance(kind, str) else None
 
     def results(self, body: dict[str, Any]) -> list[ToolResult]:
         items = body.get("input")
