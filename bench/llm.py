@@ -5,10 +5,11 @@
 
 Three kinds of process share the machine, as in `python -m bench`: the provider (the tests'
 `ProviderDouble` in its own process, `bench.llm_provider`, answering by model name), Bastion
-(`bastion serve` on a generated config: the repo's policies plus `POLICY`, SQLite audit and state,
-the dev key's JWKS as issuer, providers `anthropic` and `openai` reached with a key read from a
-file) and this process, the load generator (raw httpx, no SDK: C workers, each with its own
-client and keep-alive connection, so the client's cost stays small and the same on every path).
+(`bastion serve` on a generated config: the repo's policies plus the tests' model-tool policies,
+SQLite audit and state, the dev key's JWKS as issuer, providers `anthropic` and `openai`
+reached with a key read from a file) and this process, the load generator (raw httpx, no SDK:
+C workers, each with its own client and keep-alive connection, so the client's cost stays small
+and the same on every path).
 
 Scenarios (`CASES`): Anthropic Messages without tool calls; with 2 tool calls, one permitted and
 one forbidden by policy; the same streamed (text, then the two calls, the provider pausing
@@ -51,6 +52,7 @@ from bench.load import LoadResult
 from bench.profile import markdown as profile_markdown
 from bench.profile import summarize
 from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
+from tests.llm_provider import MODEL_TOOL_POLICIES
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN = "<!-- bench-llm:begin -->"
@@ -58,27 +60,6 @@ END = "<!-- bench-llm:end -->"
 HEADING = "## LLM API front"
 PROVIDER_KEY = "sk-bench-provider-key"
 PROFILE_RATE = 500
-
-POLICY = """@id("developers-use-model-tools")
-@reason("developers may use the model's tools")
-permit (principal in Group::"developers", action == Action::"call_tool", resource in Upstream::"llm");
-
-@id("no-file-deletion")
-@reason("the model may not delete files")
-forbid (principal, action == Action::"call_tool", resource == Tool::"llm/delete_file");
-
-@id("big-refunds-need-approval")
-@reason("refunds above 100 need a human")
-@obligation("approval")
-permit (principal in Group::"developers", action == Action::"call_tool", resource == Tool::"llm/refund")
-when { context.args has amount && context.args.amount > 100 };
-
-@id("no-email-after-injection")
-@reason("no e-mail from a conversation that read a prompt injection")
-forbid (principal, action == Action::"call_tool", resource == Tool::"llm/send_email")
-when { context.session.tainted };
-"""
-"""The model tools' policies of tests/fronts/llm/conftest.py, beside the repo's own."""
 
 REDACTION = {**processes.REDACTION, "default": {"arguments": "replace", "results": "replace"}}
 
@@ -433,12 +414,12 @@ async def drive(
 
 
 def gateway_config(work: Path, provider_url: str, port: int, redaction: bool) -> dict[str, Any]:
-    """Bastion's config: the repo's policies plus `POLICY`, SQLite audit and state in `work`."""
+    """Bastion's config: the repo's policies plus `MODEL_TOOL_POLICIES`, SQLite audit and state in `work`."""
     key = ensure_dev_key(work)
     policies = work / "policies"
     if not policies.exists():
         shutil.copytree(processes.REPO / "policies", policies)
-        (policies / "llm.cedar").write_text(POLICY)
+        (policies / "llm.cedar").write_text(MODEL_TOOL_POLICIES)
     secret = work / "provider-key"
     secret.write_text(PROVIDER_KEY + "\n")
     name = "bastion-redaction" if redaction else "bastion"

@@ -53,6 +53,29 @@ PIECES = 3
 
 SSE = "text/event-stream"
 
+MODEL_TOOL_POLICIES = """@id("developers-use-model-tools")
+@reason("developers may use the model's tools")
+permit (principal in Group::"developers", action == Action::"call_tool", resource in Upstream::"llm");
+
+@id("no-file-deletion")
+@reason("the model may not delete files")
+forbid (principal, action == Action::"call_tool", resource == Tool::"llm/delete_file");
+
+@id("big-refunds-need-approval")
+@reason("refunds above 100 need a human")
+@obligation("approval")
+permit (principal in Group::"developers", action == Action::"call_tool", resource == Tool::"llm/refund")
+when { context.args has amount && context.args.amount > 100 };
+
+@id("no-email-after-injection")
+@reason("no e-mail from a conversation that read a prompt injection")
+forbid (principal, action == Action::"call_tool", resource == Tool::"llm/send_email")
+when { context.session.tainted };
+"""
+"""Cedar policies for the model's tools (`Tool::"llm/<name>"`) that the tests and `bench.llm` put
+beside the repo's own: developers may call any; `delete_file` is forbidden; `refund` above 100 needs
+a human; `send_email` is forbidden once the conversation is tainted."""
+
 Json = dict[str, Any]
 
 

@@ -26,29 +26,9 @@ from audit.store import AuditStore
 from gateway.app import Gateway
 from gateway.identity.devkeys import DevKey, ensure_dev_key
 from tests.conftest import POLICIES, dead_url, free_port, make_config, running_gateway
-from tests.llm_provider import ProviderDouble, running_provider
+from tests.llm_provider import MODEL_TOOL_POLICIES, ProviderDouble, running_provider
 
 PROVIDER_KEY = "sk-bastion-own-provider-key"
-LLM_POLICIES = """
-@id("developers-use-model-tools")
-@reason("developers may use the model's tools")
-permit (principal in Group::"developers", action == Action::"call_tool", resource in Upstream::"llm");
-
-@id("no-file-deletion")
-@reason("the model may not delete files")
-forbid (principal, action == Action::"call_tool", resource == Tool::"llm/delete_file");
-
-@id("big-refunds-need-approval")
-@reason("refunds above 100 need a human")
-@obligation("approval")
-permit (principal in Group::"developers", action == Action::"call_tool", resource == Tool::"llm/refund")
-when { context.args has amount && context.args.amount > 100 };
-
-@id("no-email-after-injection")
-@reason("no e-mail from a conversation that read a prompt injection")
-forbid (principal, action == Action::"call_tool", resource == Tool::"llm/send_email")
-when { context.session.tainted };
-"""
 
 
 @dataclass
@@ -93,7 +73,7 @@ async def llm_env(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -
     key = ensure_dev_key(home)
     policies = home / "policies"
     shutil.copytree(POLICIES, policies)
-    (policies / "llm.cedar").write_text(LLM_POLICIES)
+    (policies / "llm.cedar").write_text(MODEL_TOOL_POLICIES)
     os.environ["BASTION_TEST_PROVIDER_KEY"] = PROVIDER_KEY
     async with running_provider() as (double, url):
         credential = {"from_env": "BASTION_TEST_PROVIDER_KEY"}
