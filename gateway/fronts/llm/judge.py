@@ -170,7 +170,6 @@ class Judge:
         self.session = session
         self.trace_id = trace_id
         self.asked = 0
-        self.released = 0
         self.changed = False
         """A tool result or the conversation's text was rewritten: the request must be re-serialised."""
         self.seen = seen if seen is not None else Seen()
@@ -235,7 +234,6 @@ class Judge:
         else:
             decision = await self.pipeline.decide_only(call, hold=True)
         if decision.allowed:
-            self.released += 1
             released = call.forward_args if call.forward_args is not None else arguments
             return Verdict(True, released)
         return Verdict(False, text=self._refusal(call, name, decision))

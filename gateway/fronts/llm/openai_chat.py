@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import UpstreamError
 from gateway.fronts.llm.dialect import SSE, frame, parse_event, text_slots
 from gateway.fronts.llm.judge import Asked, Judge, Slot, ToolResult, Verdict, parse_arguments
 
@@ -158,6 +159,8 @@ class ChatCompletions:
             for out in before:
                 yield out
             yield frame(chunk if changed else sse.data, sse.event or None)
+        if any(state.open is not None for state in choices.values()):
+            raise UpstreamError("the provider's stream ended inside a tool call")
 
 
 @dataclass(slots=True)

@@ -194,7 +194,13 @@ class Responses:
                 response = event["response"]
                 output = response.get("output")
                 if isinstance(output, list):
-                    response["output"] = [_final(i, item, final) for i, item in enumerate(output)]
+                    for i, item in enumerate(output):
+                        if i not in final and isinstance(item, dict) and item.get("type") in CLIENT_SIDE:
+                            # never streamed as an item: refused (and recorded), not released unseen
+                            asked = _asked(item)
+                            asked.malformed = "the call came only in the final response, never streamed"
+                            final[i] = _message((await judge(asked)).text)
+                    response["output"] = [final.get(i, item) for i, item in enumerate(output)]
                 self._remember(response.get("id"), refused)
             yield emit(event)
         if held:
@@ -254,15 +260,6 @@ def _message(text: str) -> dict[str, Any]:
         "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
     }
-
-
-def _final(index: int, item: Any, final: dict[Any, dict[str, Any]]) -> Any:
-    """An item of the final response: as the events released it, when it was governed."""
-    if index in final:
-        return final[index]
-    if isinstance(item, dict) and item.get("type") in CLIENT_SIDE:
-        return _message("[Bastion] A tool call that was not streamed as an item was withheld.")
-    return item
 
 
 def _item_events(added: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:

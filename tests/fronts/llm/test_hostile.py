@@ -9,6 +9,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from tests.fronts.llm.conftest import LLMEnv
@@ -226,3 +227,70 @@ async def test_caller_headers_do_not_reach_the_provider(env: LLMEnv) -> None:
     seen = env.provider.last.headers
     assert "cookie" not in seen and "x-forwarded-for" not in seen
     assert seen["anthropic-version"] == "2023-06-01" and seen["x-api-key"] != env.token()
+
+
+def openai_sse(*chunks: dict[str, Any], done: bool = True) -> bytes:
+    body = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+async def test_chat_stream_cut_inside_a_tool_call_is_an_error(env: LLMEnv) -> None:
+    """Without `[DONE]` or a finish reason, a half-streamed call is neither released nor silently
+    dropped: the stream ends with an error the SDK raises."""
+    head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    call = {
+        "index": 0,
+        "id": "call_cut",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"ci'},
+    }
+    raw = openai_sse(
+        {**head, "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]},
+        done=False,
+    )
+    env.provider.queue(Script(raw=raw))
+    async with env.openai() as client:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in stream:
+                pass
+    assert "inside a tool call" in str(caught.value)
+
+
+async def test_responses_call_only_in_the_final_response_is_refused_and_recorded(env: LLMEnv) -> None:
+    """A provider that slips a call into `response.completed` without streaming it as an item."""
+    sneaked = {
+        "type": "function_call",
+        "id": "fc_x",
+        "call_id": "call_sneaked",
+        "name": "get_weather",
+        "arguments": "{}",
+        "status": "completed",
+    }
+    base = {
+        "id": "resp_x",
+        "object": "response",
+        "created_at": 1,
+        "model": "m",
+        "status": "in_progress",
+        "output": [],
+    }
+    events = [
+        {"type": "response.created", "sequence_number": 0, "response": base},
+        {
+            "type": "response.completed",
+            "sequence_number": 1,
+            "response": {**base, "status": "completed", "output": [sneaked]},
+        },
+    ]
+    raw = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+    env.provider.queue(Script(raw=raw))
+    async with env.openai() as client:
+        stream = await client.responses.create(model="m", input="x", stream=True)
+        last = [e async for e in stream][-1]
+    assert [i.type for i in last.response.output] == ["message"]
+    assert "never streamed" in last.response.output[0].content[0].text
+    (record,) = await env.records(call_id="call_sneaked")
+    assert record.effect == "deny" and record.decision["policy_ids"] == ["malformed-tool-call"]
