@@ -784,8 +784,11 @@ async def test_two_modern_retries_on_one_approval_run_it_once(env: Env, http: ht
     results = [r.json()["result"] for r in await asyncio.gather(*retries)]
     assert EXECUTED[before:] == [("pay", 778, "race-modern")]
     assert sorted(r["isError"] for r in results) == [False, True]
-    loser = next(r for r in results if r["isError"])
-    assert loser["structuredContent"]["reasons"][-1]["policy"] == "approval-used"
+    loser = next(r for r in results if r["isError"])["structuredContent"]["reasons"][-1]
+    # The loser either lost the race to consume the approval, or (on a slow machine) came back
+    # after it was consumed and was asked afresh; it never runs on the used approval.
+    fresh = loser["reason"].startswith("approval required: ") and approval_id not in loser["reason"]
+    assert loser["policy"] == "approval-used" or fresh, loser
 
 
 async def test_a_form_yes_to_a_url_question_approves_nothing(
