@@ -41,6 +41,8 @@ class AuditRecord:
     client: str | None = None
     llm: dict[str, str] | None = None
     """A tool call a model asked for (`protocol: "llm"`): the `provider` and `model`; absent otherwise."""
+    a2a: dict[str, str] | None = None
+    """An agent-to-agent message (`protocol: "a2a"`): `method`, `task_id`, `context_id`; else absent."""
     upstream: str
     tool: str
     action: str
@@ -87,6 +89,8 @@ class AuditRecord:
         out["ts"] = format_ts(self.ts)
         if self.llm is None:
             del out["llm"]  # kept out of other records, whose documents stay as they were
+        if self.a2a is None:
+            del out["a2a"]
         return out
 
     @classmethod
@@ -105,7 +109,7 @@ _FIELD_SET = frozenset(_FIELDS)
 _REQUIRED = tuple(
     n
     for n in _FIELDS
-    if n not in {"schema_version", "delegation_chain", "client", "llm", "seq", "prev_hash", "hash"}
+    if n not in {"schema_version", "delegation_chain", "client", "llm", "a2a", "seq", "prev_hash", "hash"}
 )
 
 

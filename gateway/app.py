@@ -32,6 +32,7 @@ from audit.writer import AuditWriter
 from gateway import metrics
 from gateway.config import Config, ToolSettings
 from gateway.errors import BastionError, ConfigError
+from gateway.fronts.a2a.endpoint import A2AFront
 from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.approvals_api import ApprovalsAPI
 from gateway.fronts.http_api import HTTPToolAPI
@@ -42,6 +43,7 @@ from gateway.fronts.mcp.sessions import SessionSigner
 from gateway.fronts.wire import RefusalLimiter
 from gateway.health import healthz, ops_routes
 from gateway.identity.authenticator import Authenticator
+from gateway.identity.delegation import Delegations
 from gateway.keyfiles import load_or_create_secret
 from gateway.pipeline import Pipeline, stages_in_order
 from gateway.policy.engine import PolicyEngine
@@ -55,6 +57,7 @@ from gateway.state.db import open_state, sqlite_writer
 from gateway.state.idempotency import CallRegistry
 from gateway.state.pins import ToolPins
 from gateway.state.tasks import TaskOwners
+from gateway.upstreams.agents import AgentClient, message_schema
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http_tools import HTTPToolsUpstream
 from gateway.upstreams.llm_provider import Provider
@@ -84,16 +87,23 @@ class Gateway:
             else StreamableHTTPUpstream(name, u)
             for name, u in cfg.upstreams.items()
         }
-        metrics.known_upstreams([*cfg.upstreams, *([cfg.llm.tools.namespace] if cfg.llm.providers else [])])
+        metrics.known_upstreams(
+            [*cfg.upstreams, *cfg.agents, *([cfg.llm.tools.namespace] if cfg.llm.providers else [])]
+        )
         self.auth = Authenticator(
             cfg.identity,
             self.base_url,
             list(cfg.upstreams),
             state_url=cfg.state.url,
             providers=list(cfg.llm.providers),
+            agents=list(cfg.agents),
         )
         self.providers: dict[str, Provider] = {}
         """Model providers behind `/llm/<name>` (built at start-up: their keys are read then)."""
+        self.agents: dict[str, AgentClient] = {}
+        """A2A agents behind `/a2a/<name>` (built at start-up: their credentials are read then)."""
+        self.delegations: Delegations | None = None
+        """Signs the delegation tokens handed to agents, and verifies them when they come back."""
         self.policy: PolicyEngine | None = None
         self.tool_schemas: dict[str, Any] = {}
         self.prompt_arguments: dict[str, list[str]] = {}
@@ -130,6 +140,13 @@ class Gateway:
             key_path = cfg.redaction.hmac_key_file or data_dir / "redaction-hmac.key"
             redactor = Redactor(cfg.redaction, load_or_create_secret(key_path))
         self.providers = {name: Provider(name, p) for name, p in cfg.llm.providers.items()}
+        self.agents = {name: AgentClient(name, a) for name, a in cfg.agents.items()}
+        if cfg.agents:
+            key = load_or_create_secret(cfg.a2a.delegation_key_file or data_dir / "delegation.key")
+            self.delegations = Delegations(
+                key, self.base_url, cfg.a2a.delegation_ttl_s, cfg.identity.leeway_s
+            )
+            self.auth.delegations = self.delegations
         await self.auth.start()
         self.tool_schemas = await self._discover_tools()
         self.prompt_arguments = await self._discover_prompts()
@@ -238,6 +255,7 @@ class Gateway:
             await self.state.dispose()
         await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))
         await asyncio.gather(*(p.aclose() for p in self.providers.values()))
+        await asyncio.gather(*(a.aclose() for a in self.agents.values()))
 
     def _policy(self) -> PolicyEngine:
         assert self.policy is not None
@@ -246,7 +264,11 @@ class Gateway:
     def load_policy(self) -> PolicyEngine:
         """Read the policy set with what the upstreams told at start-up (a ConfigError if invalid)."""
         budgets = [b.name for b in self.cfg.budgets]
-        return PolicyEngine.load(self.cfg.policy, self.tool_schemas, budgets, self.prompt_arguments)
+        schemas = {
+            **self.tool_schemas,
+            **{f"\x00agent\x00{n}": message_schema(a) for n, a in self.cfg.agents.items()},
+        }
+        return PolicyEngine.load(self.cfg.policy, schemas, budgets, self.prompt_arguments)
 
     def install_policy(self, engine: PolicyEngine) -> None:
         """Swap in a new policy set: one assignment, so every call sees the old set or the new one."""
@@ -391,6 +413,33 @@ def build_app(gw: Gateway) -> Starlette:
             )
         return await llm[0](request)
 
+    a2a: list[A2AFront] = []
+
+    def a2a_front() -> A2AFront:
+        if not a2a:
+            mcp = gw.mcp
+            assert gw.delegations is not None
+            limits = (mcp.max_depth, mcp.body_timeout_s, gw.cfg.identity.max_delegation_depth)
+            a2a.append(
+                A2AFront(
+                    mcp.pipeline,
+                    gw.auth,
+                    gw.agents,
+                    gw.delegations,
+                    gw.cfg.a2a,
+                    gw.base_url,
+                    limits,
+                    mcp.refusals,
+                )
+            )
+        return a2a[0]
+
+    async def agent_message(request: Request) -> Response:
+        return await a2a_front()(request)
+
+    async def agent_card(request: Request) -> Response:
+        return await a2a_front().card(request)
+
     admin: list[AdminAPI] = []
 
     async def budgets(request: Request) -> Response:
@@ -417,6 +466,9 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/tool-calls", tool_calls, methods=["POST"]),
         Route("/v1/decisions", decisions, methods=["POST"]),
         Route("/llm/{provider}/v1/{api:path}", model_api, methods=["POST"]),
+        Route("/a2a/{agent}", agent_message, methods=["POST"]),
+        Route("/a2a/{agent}/", agent_message, methods=["POST"]),
+        Route("/a2a/{agent}/.well-known/agent-card.json", agent_card, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/.well-known/oauth-protected-resource", resource_metadata),
         Route("/.well-known/oauth-protected-resource/mcp/{upstream}", resource_metadata),

@@ -17,7 +17,14 @@ from audit.record import new_id
 
 Effect = Literal["allow", "deny", "transform", "approval_required"]
 Action = Literal[
-    "call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own", "message"
+    "call_tool",
+    "list_tools",
+    "read_resource",
+    "get_prompt",
+    "approve",
+    "approve_own",
+    "send_message",
+    "message",
 ]
 """Cedar actions, and `message`: an MCP message refused before any action applies (its method
 is the record's `tool`)."""
@@ -208,7 +215,7 @@ class ToolCall:
     tool: str
     """The tool's name; for `read_resource` the resource's URI, for `get_prompt` the prompt's name."""
     arguments: dict[str, Any]
-    protocol: Literal["mcp", "http", "llm"] = "mcp"
+    protocol: Literal["mcp", "http", "llm", "a2a"] = "mcp"
     action: Action = "call_tool"
     principal: Principal | None = None
     call_id: str | None = None
@@ -216,6 +223,10 @@ class ToolCall:
     """The framework the caller declared (`X-Bastion-Client`), unverified; for the audit record."""
     llm: dict[str, str] | None = None
     """For a tool call a model asked for: the `provider` and `model` (the audit record keeps them)."""
+    a2a: dict[str, str] | None = None
+    """For an A2A message: its `method`, and the `task_id` / `context_id` once known (audited)."""
+    skill: str | None = None
+    """For an A2A message that names a skill: Cedar's `context.skill`."""
     session: str | None = None
     """The client's MCP session id, when it has one (taint is tracked per session)."""
     session_tainted: bool = False

@@ -582,6 +582,42 @@ class LLMConfig(_Strict):
     """Largest request body accepted on /llm (conversations are long); bigger is refused with 413."""
 
 
+class AgentConfig(_Strict):
+    """An A2A agent behind `/a2a/<name>` (docs/a2a.md)."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    """The agent's JSON-RPC endpoint; its card is read from `<url>/.well-known/agent-card.json`."""
+    subject: str = Field(min_length=1, max_length=256)
+    """The `sub` this agent presents when it calls Bastion itself: a chain that already holds it
+    would close a cycle, so a message to this agent from within such a chain is refused."""
+    credential: LLMCredential | None = None
+    """Bastion's own credential toward the agent (None: nothing is added); never the caller's."""
+    timeout_s: float = Field(300, gt=0)
+    """Longest wait for an answer, the whole of a stream included."""
+    connect_timeout_s: float = Field(5, gt=0)
+    max_response_bytes: int = Field(4 * 1_048_576, ge=1024, le=1024 * 1_048_576)
+    """Largest answer read from the agent: a JSON body, or one event of a stream."""
+    breaker: BreakerConfig | None = None
+    data_schema: dict[str, Any] | None = None
+    """JSON Schema of the messages' data parts (merged), as an MCP tool's `inputSchema`: it gives
+    `context.args.data` its Cedar type, so that policies may read it."""
+    push_notifications: bool = False
+    """Relay push-notification configs (the agent then posts task updates to a URL of the
+    caller's choosing, around Bastion's redaction and audit). Off: they are refused."""
+
+
+class A2AConfig(_Strict):
+    """The A2A front's own settings (docs/a2a.md)."""
+
+    delegation_key_file: Path | None = None
+    """The key that signs the delegation tokens handed to agents (default `<data_dir>/delegation.key`);
+    replicas must share it, so that an agent may present its token to any of them."""
+    delegation_ttl_s: float = Field(300, gt=0, le=86_400)
+    """How long a delegation token handed to an agent stays valid."""
+    max_body_bytes: int = Field(4 * 1_048_576, gt=0, le=256 * 1_048_576)
+    """Largest request body accepted on /a2a; bigger is refused with 413."""
+
+
 class OpsListenConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
@@ -616,6 +652,9 @@ class Config(_Strict):
     pinning: PinningConfig = PinningConfig()
     mcp: McpConfig = McpConfig()
     llm: LLMConfig = LLMConfig()
+    agents: dict[Annotated[str, Field(pattern=_NAME)], AgentConfig] = {}
+    """A2A agents behind `/a2a/<name>` (docs/a2a.md)."""
+    a2a: A2AConfig = A2AConfig()
     ops: OpsConfig = OpsConfig()
     logging: LoggingConfig = LoggingConfig()
     data_dir: Path = Path(".bastion")
@@ -769,6 +808,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                     }
                 }
             ),
+            "agents": {
+                name: a.model_copy(update={"credential": _cred(a.credential, rel)})
+                for name, a in cfg.agents.items()
+            },
+            "a2a": cfg.a2a.model_copy(update={"delegation_key_file": rel(cfg.a2a.delegation_key_file)}),
         }
     )
 

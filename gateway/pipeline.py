@@ -93,6 +93,31 @@ class Stage(Protocol):
     async def __call__(self, call: ToolCall) -> Decision | None: ...
 
 
+class Peer(Protocol):
+    """A destination that is not an MCP upstream (an A2A agent). The front says how to send a
+    message there and how to read the answers; the pipeline decides, forwards, redacts, scans
+    and records, as it does for a tool call (`exchange`)."""
+
+    guard: FaultGuard
+
+    async def send(self) -> tuple[Reply, Any]:
+        """Send the message (once more); the reply is unread."""
+        ...
+
+    async def settle(self, call: ToolCall, result: dict[str, Any]) -> str | None:
+        """Bookkeeping before an answer is passed on (a task bound to its creator); the reason
+        it may not be passed on, if any."""
+        ...
+
+    def view(self, result: dict[str, Any]) -> dict[str, Any]:
+        """What the client reads in `result`, as `{"content": ...}` for redaction and the scan."""
+        ...
+
+    def apply(self, result: dict[str, Any], view: dict[str, Any]) -> dict[str, Any]:
+        """`result` with its readable parts replaced by those of a redacted `view`."""
+        ...
+
+
 def stages_in_order(
     *,
     pinning: Stage | None,
@@ -237,6 +262,110 @@ class Pipeline:
             if not call.recorded:
                 self._record_error(call, decision, exc)
             raise
+
+    async def exchange(self, call: ToolCall, peer: Peer, decided: Decision | None = None) -> Answer:
+        """Govern one message to a `Peer`: decide (or, with `decided`, take a decision made
+        earlier: a task's creator reading it), forward, redact and scan each answer, record the
+        outcome (always). A stream's record is completed when it ends."""
+        decision: Decision | None = decided
+        try:
+            if decided is None:
+                decision = await self.admit(call)
+            else:
+                decision = await self.begin(call, decided)
+                if not decision.allowed:
+                    await self.finish(call, decision, Outcome("denied", self.elapsed_ms(call)))
+            assert decision is not None
+            if not decision.allowed:
+                return Answer(call, decision)
+            call.forwarded = time.perf_counter()
+            try:
+                delivered = await peer.guard.deliver(call.tool, peer.send)
+            except UpstreamError as err:
+                await self._not_run(call, err)
+                await self._failed(call, decision, err)
+                raise
+            reply = delivered.reply
+            if reply.status >= 400 or reply.status == 202:
+                body = delivered.raw if delivered.raw is not None else await reply.body()
+                failure = UpstreamError(f"answered HTTP {reply.status}")
+                await self._failed(call, decision, failure, reply.status)
+                ctype = reply.response.headers.get("content-type")
+                return Answer(call, decision, raw=body, status=reply.status, content_type=ctype)
+            if reply.is_sse:
+                return Answer(call, decision, events=self._exchanged(call, decision, delivered, peer))
+            raw = delivered.raw if delivered.raw is not None else await reply.body()
+            msg = _object(raw)
+            if msg is None:
+                malformed = UpstreamError("the answer is not a JSON-RPC object")
+                await self._failed(call, decision, malformed, reply.status)
+                raise malformed
+            msg, audited, changed = await self._read(call, decision, msg, peer)
+            status, why = _status_of(msg)
+            digest = sha256_hex(raw)
+            await self.finish(call, audited, Outcome(status, self.elapsed_ms(call), 200, why, digest))
+            return Answer(call, audited, message=msg, raw=None if changed else raw)
+        except BaseException as exc:
+            if not call.recorded:
+                self._record_error(call, decision, exc)
+            raise
+
+    async def _exchanged(
+        self, call: ToolCall, decision: Decision, delivered: Delivered, peer: Peer
+    ) -> AsyncIterator[Event]:
+        """Relay a peer's stream event by event, each redacted and scanned before it is passed
+        on; the record is completed when the stream ends (a failure if it breaks off)."""
+        audited, failed, hasher = decision, None, hashlib.sha256()
+        events = delivered.events()  # an async generator: closed below however the relay ends
+        try:
+            async for sse in events:
+                hasher.update(sse.data.encode())
+                msg = _object(sse.data.encode())
+                if msg is None:
+                    raise UpstreamError("a stream event is not a JSON-RPC object")
+                msg, audited, changed = await self._read(call, audited, msg, peer)
+                failed = failed or _status_of(msg)[1]
+                data = json.dumps(msg, ensure_ascii=False) if changed else sse.data
+                yield Event(data, sse.id or None, sse.event or "message", msg)
+                if not audited.allowed:
+                    break  # a withheld answer ends the stream
+        except UpstreamError as err:
+            await self._failed(call, audited, err)
+            raise
+        except BaseException as exc:
+            if not call.recorded:
+                self._record_error(call, audited, exc)
+            raise
+        else:
+            status: OutcomeStatus = "failed" if failed or not audited.allowed else "completed"
+            outcome = Outcome(status, self.elapsed_ms(call), 200, failed, hasher.hexdigest())
+            await self.finish(call, audited, outcome)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+            await delivered.aclose()
+
+    async def _read(
+        self, call: ToolCall, decision: Decision, msg: dict[str, Any], peer: Peer
+    ) -> tuple[dict[str, Any], Decision, bool]:
+        """One JSON-RPC answer from a peer as the client gets it: bound (`settle`), redacted and
+        scanned; a refusal replaces it by an error. Returns it, the decision so far, whether it changed."""
+        result = msg.get("result")
+        if not isinstance(result, dict):
+            return msg, decision, False
+        refused = await peer.settle(call, result)
+        if refused is not None:
+            failure = Decision("deny", (*decision.reasons, Reason("pipeline", refused)), "pipeline")
+            return _rpc_error(msg, refused), failure, True
+        before = call.pii_output
+        redacted, audited = await self.redact_result(call, decision, peer.view(result))
+        if before:  # each answer of a stream adds to what the record counts
+            found = call.pii_output
+            call.pii_output = {t: before.get(t, 0) + found.get(t, 0) for t in sorted({*before, *found})}
+        if not audited.allowed:
+            return _rpc_error(msg, audited.reasons[-1].reason), audited, True
+        if redacted is None:
+            return msg, audited, False
+        return {**msg, "result": peer.apply(result, redacted)}, audited, True
 
     async def task_of(self, principal: Principal, upstream: str, task_id: Any) -> Task | None:
         """The task, if `task_id` names one this principal created; None for anyone else's."""
@@ -467,6 +596,8 @@ class Pipeline:
             if self._writer.is_pending(call.audit_id):
                 # the result may have changed what is known (PII found in it, a withheld result)
                 changes = {"pii": _pii(call), "decision": decision.to_json()}
+                if call.a2a is not None:
+                    changes["a2a"] = dict(call.a2a)  # the task id is known only from the answer
                 if self.durability == "intent":
                     # the intent is durable already: a crash before this commits leaves `interrupted`
                     self._writer.complete_later(call.audit_id, final, outcome.result_sha256, changes)
@@ -660,23 +791,30 @@ class Pipeline:
 
     async def _own_task(self, call: ToolCall, task: dict[str, Any]) -> str | None:
         """Bind a task the call created to the caller; the reason it cannot be handed out, if any."""
-        task_id, ttl = task.get("taskId"), task.get("ttl")
+        ttl = task.get("ttl")
+        ttl_s = ttl / 1000 if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None
+        return await self.own_task(call, call.upstream, task.get("taskId"), ttl_s)
+
+    async def own_task(
+        self, call: ToolCall, scope: str, task_id: Any, ttl_s: float | None = None, again: bool = False
+    ) -> str | None:
+        """Bind a task the call created (on upstream or agent `scope`) to the caller; the reason
+        it cannot be handed out, if any. With `again`, a task already the caller's is fine (an
+        A2A task is named in every event about it)."""
         if self.tasks is None or call.principal is None:
             return "tasks are not relayed here: call the tool without `task`"
         if not isinstance(task_id, str) or not 0 < len(task_id) <= 256:
             return "the upstream created a task without a usable id"
+        owner = owner_id(call.principal)
         try:
-            owned = await self.tasks.own(
-                call.upstream,
-                task_id,
-                owner_id(call.principal),
-                call.tool,
-                call.audit_id,
-                ttl / 1000 if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None,
-            )
+            if await self.tasks.own(scope, task_id, owner, call.tool, call.audit_id, ttl_s):
+                return None
+            found = await self.tasks.get(scope, task_id) if again else None
+            if found is not None and found.principal == owner:
+                return None
         except SQLAlchemyError as exc:
             return f"the task's owner could not be recorded ({type(exc).__name__}), so it is not handed out"
-        return None if owned else "the upstream reused a task id that belongs to another call"
+        return "the upstream reused a task id that belongs to another call"
 
     async def redact_result(
         self, call: ToolCall, decision: Decision, result: dict[str, Any]
@@ -771,6 +909,7 @@ class Pipeline:
             protocol=call.protocol,
             client=call.client,
             llm=call.llm,
+            a2a=call.a2a,
             upstream=call.upstream,
             tool=call.tool,
             action=call.action,
@@ -808,6 +947,26 @@ def owner_id(principal: Principal) -> str:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
+def _status_of(msg: dict[str, Any]) -> tuple[OutcomeStatus, str | None]:
+    """A peer's JSON-RPC error is the peer answering (`failed`, with its message), not a fault."""
+    error = msg.get("error")
+    if isinstance(error, dict):
+        return "failed", str(error.get("message", "error"))[:500]
+    return "completed", None
+
+
+def _rpc_error(msg: dict[str, Any], why: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": msg.get("id"), "error": {"code": -32603, "message": why[:1000]}}
 
 
 def response_to(data: str, request_id: Any) -> dict[str, Any] | None:

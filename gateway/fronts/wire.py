@@ -7,10 +7,12 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from typing import Any
 
 from starlette.requests import Request
 
 from gateway import metrics
+from gateway.call import Decision
 from gateway.errors import BodyTimeout, PayloadTooLarge, ProtocolError, TooManyRefusals
 
 MAX_BODY = 1024 * 1024
@@ -90,3 +92,29 @@ class RefusalLimiter:
 
 def source_of(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
+
+
+def explained(
+    decision: Decision, audit_id: str, approval: dict[str, str] | None
+) -> tuple[str, dict[str, Any]]:
+    """A refusal as text a model can read, and as data: decision, reasons, audit id (and, for a
+    held call, the approval to ask for)."""
+    text = (
+        "; ".join(
+            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
+            for r in decision.reasons
+        )
+        or "denied"
+    )
+    data: dict[str, Any] = {
+        "decision": decision.effect,
+        "reasons": [r.to_json() for r in decision.reasons],
+        "audit_id": audit_id,
+    }
+    if approval is not None:
+        text = (
+            f"approval required: {approval['approval_id']}; "
+            f"ask {approval['approvers']} ({approval['approval_url']})"
+        )
+        data |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
+    return text, data

@@ -40,6 +40,8 @@ from gateway.call import Principal
 from gateway.config import IdentityConfig, IssuerConfig
 from gateway.errors import AuthError, ConfigError, InsufficientScope
 from gateway.identity.apikeys import ApiKeys, looks_like_key
+from gateway.identity.delegation import ISSUER as DELEGATION_ISSUER
+from gateway.identity.delegation import Delegations, is_delegation
 
 log = logging.getLogger(__name__)
 
@@ -321,16 +323,23 @@ class Authenticator:
         http_client: httpx.AsyncClient | None = None,
         state_url: str | None = None,
         providers: Iterable[str] = (),
+        agents: Iterable[str] = (),
+        delegations: Delegations | None = None,
     ) -> None:
         self._cfg = cfg
+        self.delegations = delegations
+        """Verifies the tokens Bastion hands the agents it forwards to (None: no agents, none accepted)."""
         base = base_url.rstrip("/")
         default_audiences = (
             base,
             *(f"{base}/mcp/{name}" for name in upstreams),
             *(f"{base}/llm/{name}" for name in providers),
+            *(f"{base}/a2a/{name}" for name in agents),
         )
         self._issuers: dict[str, _IssuerState] = {}
         for i, issuer in enumerate(cfg.issuers):
+            if issuer.issuer == DELEGATION_ISSUER:
+                raise ConfigError(f"identity.issuers.{i}: {DELEGATION_ISSUER!r} is Bastion's own issuer")
             if issuer.issuer in self._issuers:
                 raise ConfigError(f"identity.issuers.{i}: issuer {issuer.issuer!r} is configured twice")
             if issuer.audiences == []:
@@ -388,16 +397,17 @@ class Authenticator:
         *,
         gateway_only: bool = False,
         provider: str | None = None,
+        agent: str | None = None,
     ) -> Principal:
         """The verified principal for an `Authorization` header value, or `AuthError`.
 
         With `upstream`, a token of an issuer using the default audiences must be meant for that
         upstream's resource URI (or for the whole gateway): a token minted for another upstream
-        is refused (RFC 8707); likewise `provider` for `/llm/<provider>`. With `gateway_only` (the
-        admin API), it must be meant for the gateway itself (`listen.public_url`): a token an
-        upstream's client obtained for that upstream is no admin credential, whoever it names. An
-        issuer's own `audiences` list names Bastion as a whole, so its tokens are accepted; API keys
-        have no audience.
+        is refused (RFC 8707); likewise `provider` for `/llm/<provider>`, `agent` for
+        `/a2a/<agent>`. With `gateway_only` (the admin API), it must be meant for the gateway
+        itself (`listen.public_url`): a token an upstream's client obtained for that upstream is
+        no admin credential, whoever it names. An issuer's own `audiences` list names Bastion as a
+        whole, so its tokens are accepted; API keys have no audience.
         """
         if not authorization or not authorization.strip():
             raise AuthError("missing bearer token", error="invalid_request")
@@ -417,6 +427,10 @@ class Authenticator:
             raise _invalid(f"token larger than {limit} bytes")
         if looks_like_key(token):
             return await self.api_keys.authenticate(token)
+        if self.delegations is not None and is_delegation(token):
+            if gateway_only:
+                raise _invalid("a delegation token is no admin credential")
+            return self._delegated(self.delegations, token)
 
         digest = hashlib.sha256(raw).digest()
         hit = self._cache.get(digest)
@@ -433,7 +447,15 @@ class Authenticator:
         if hit.issuer.cfg.audiences is None:
             if gateway_only and self._base not in hit.audiences:
                 raise _invalid(f"audience not accepted: the admin API needs a token meant for {self._base}")
-            path = f"mcp/{upstream}" if upstream is not None else f"llm/{provider}" if provider else None
+            path = (
+                f"mcp/{upstream}"
+                if upstream is not None
+                else f"llm/{provider}"
+                if provider
+                else f"a2a/{agent}"
+                if agent
+                else None
+            )
             if path is not None and self._base not in hit.audiences:
                 resource = f"{self._base}/{path}"
                 if resource not in hit.audiences:
@@ -624,6 +646,32 @@ class Authenticator:
             return json.loads(body)
         except ValueError as exc:
             raise _FetchError(f"{url} did not answer JSON") from exc
+
+    def _delegated(self, delegations: Delegations, token: str) -> Principal:
+        """The principal a delegation token names: the user as first verified, now acted for by
+        the chain in `act` (checked for depth and cycles like any token's)."""
+        try:
+            claims = delegations.verify(token)
+        except jwt.PyJWTError as exc:
+            raise _invalid(f"delegation token refused: {_describe(exc)}") from None
+        who = claims["bastion"]
+        issuer, sub = who.get("issuer"), claims["sub"]
+        if not isinstance(issuer, str) or not isinstance(sub, str) or not sub:
+            raise _invalid("malformed delegation token")
+        chain, scopes = _delegation(claims, self._cfg.max_delegation_depth)
+        return Principal(
+            sub=sub,
+            issuer=issuer,
+            groups=_strings(who.get("groups"), "groups"),
+            roles=_strings(who.get("roles"), "roles"),
+            tenant=_optional_str(who, "tenant"),
+            email=_optional_str(who, "email"),
+            agent=chain[0] if chain else None,
+            delegation_chain=chain,
+            scopes=scopes,
+            claims=MappingProxyType(claims),
+            id=self.identities.id_of(issuer, sub),
+        )
 
     def _principal(self, issuer: str, claims: dict[str, Any]) -> Principal:
         names = self._cfg.claims

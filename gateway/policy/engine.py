@@ -8,7 +8,8 @@ errors: Cedar skips a `forbid` whose condition fails), never passes the schema a
 
 The Cedar resource follows from the action: `Tool::"<upstream>/<tool>"` for `call_tool`,
 `list_tools`, `approve` and `approve_own`; `Resource::"<upstream>/<uri>"` for `read_resource`;
-`Prompt::"<upstream>/<name>"` for `get_prompt`. The principal is `User::"<Principal.id>"`: the
+`Prompt::"<upstream>/<name>"` for `get_prompt`; `Agent::"<agent>"` for `send_message` (an A2A
+message, whose `upstream` is the agent). The principal is `User::"<Principal.id>"`: the
 subject itself for the first issuer, `<issuer>#<subject>` for the others (docs/identity.md).
 
 Listings (`listable`) show an item when its call action could be allowed for some arguments.
@@ -68,6 +69,7 @@ RESOURCE_TYPES: Mapping[str, str] = {
     "approve_own": "Tool",
     "read_resource": "Resource",
     "get_prompt": "Prompt",
+    "send_message": "Agent",
 }
 """The Cedar entity type of the resource, per action."""
 LISTING_ACTIONS = frozenset({"call_tool", "read_resource", "get_prompt"})
@@ -102,8 +104,8 @@ def _resource_matches(scope: Mapping[str, Any], rtype: str, upstream: str, name:
     Exact because Bastion builds the resource entity itself: its only ancestor is
     `Upstream::"<upstream>"`. Anything unrecognised counts as a match (kept, never dropped).
     """
-    uid = {"type": rtype, "id": f"{upstream}/{name}"}
-    parent = {"type": "Upstream", "id": upstream}
+    uid = {"type": rtype, "id": _resource_id(rtype, upstream, name)}
+    parent = {"type": "Upstream", "id": upstream} if rtype != "Agent" else uid
     op = scope.get("op")
     if op == "==" and "entity" in scope:
         return bool(scope["entity"] == uid)
@@ -158,6 +160,11 @@ def _redact(message: str, policy_text: str) -> str:
     return _TICKED.sub(lambda m: m.group(0) if m.group(1) in policy_text else "`…`", message)
 
 
+def _resource_id(rtype: str, upstream: str, name: str) -> str:
+    """An agent is a resource of its own (`Agent::"<agent>"`); the rest belong to an upstream."""
+    return upstream if rtype == "Agent" else f"{upstream}/{name}"
+
+
 def _uid_text(kind: str, ident: str) -> str:
     return f"{kind}::{cedar_string(ident)}"
 
@@ -176,6 +183,8 @@ def _resource_attrs(rtype: str, upstream: str, name: str, settings: ToolSettings
         return {"uri": name, "upstream": upstream}
     if rtype == "Prompt":
         return {"name": name, "upstream": upstream}
+    if rtype == "Agent":
+        return {"name": upstream}
     return {"risk": settings.risk, "tags": list(settings.tags)}
 
 
@@ -347,9 +356,9 @@ class PolicyEngine:
                 + [{"type": "Role", "id": r} for r in sorted(principal.roles)],
             },
             {
-                "uid": {"type": rtype, "id": f"{upstream}/{name}"},
+                "uid": {"type": rtype, "id": _resource_id(rtype, upstream, name)},
                 "attrs": attrs,
-                "parents": [{"type": "Upstream", "id": upstream}],
+                "parents": [{"type": "Upstream", "id": upstream}] if rtype != "Agent" else [],
             },
             *_ACTION_ENTITIES,
         ]
@@ -375,9 +384,10 @@ class PolicyEngine:
         pii: Iterable[str] = (),
         budget: Mapping[str, Any] | None = None,
         session_tainted: bool = False,
+        skill: str | None = None,
     ) -> dict[str, Any]:
         chain = list(principal.delegation_chain)
-        return {
+        context: dict[str, Any] = {
             "args": args,
             "agent": {
                 "id": principal.agent or "",
@@ -391,6 +401,9 @@ class PolicyEngine:
             "budget": dict(budget or {}),
             "session": {"tainted": session_tainted},
         }
+        if skill is not None:
+            context["skill"] = skill
+        return context
 
     def decide(
         self,
@@ -404,6 +417,7 @@ class PolicyEngine:
         pii: Iterable[str] = (),
         budget: Mapping[str, Any] | None = None,
         session_tainted: bool = False,
+        skill: str | None = None,
     ) -> Decision:
         """Evaluate one request. Anything but a clean Allow is a deny that says why.
 
@@ -414,7 +428,7 @@ class PolicyEngine:
         rtype = RESOURCE_TYPES.get(action)
         if rtype is None:
             return self._deny(Reason("policy-error", f"unknown action {action!r}"))
-        key = f"{upstream}/{tool}"
+        key = _resource_id(rtype, upstream, tool)
         try:
             if rtype == "Prompt":
                 for name, value in args.items() if isinstance(args, Mapping) else ():
@@ -423,7 +437,9 @@ class PolicyEngine:
             clean = sanitize_args(args, self._arg_types.get(key) if rtype == "Tool" else None)
         except ArgumentError as exc:
             return self._deny(Reason("invalid-arguments", str(exc)))
-        context = self._context(clean, principal, settings, self._local(now), pii, budget, session_tainted)
+        context = self._context(
+            clean, principal, settings, self._local(now), pii, budget, session_tainted, skill
+        )
         request = {
             "principal": {"type": "User", "id": principal.id},
             "action": {"type": "Action", "id": action},

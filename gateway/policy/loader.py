@@ -46,7 +46,7 @@ __all__ = [
 OBLIGATIONS: Mapping[str, Effect] = {"redact": "transform", "approval": "approval_required"}
 """`@obligation` values a permit may carry, and the effect each turns an allow into."""
 REQUEST_ACTIONS = frozenset(
-    {"call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own"}
+    {"call_tool", "list_tools", "read_resource", "get_prompt", "approve", "approve_own", "send_message"}
 )
 """The actions Bastion puts in requests. Action groups are not evaluated (see `_check_scope`)."""
 
@@ -56,10 +56,10 @@ _POLICY_N = re.compile(r"^policy(\d+)$")
 _FOR_POLICY = re.compile(r"^for policy `[^`]*`, ")
 _ACTION_REF = re.compile(r'Action::"[^"]*"')
 _TICKED = re.compile(r"`([^`]*)`")
-_OTHER_TYPE = re.compile(r"on entity type `(Resource|Prompt)` not found")
+_OTHER_TYPE = re.compile(r"on entity type `(Resource|Prompt|Agent)` not found")
 _OTHER_TYPE_HINT = (
-    " (the policy's actions include read_resource or get_prompt, whose resources are Resource and "
-    "Prompt: list the tool actions in its scope, or test `resource is Tool` first)"
+    " (the policy's actions include read_resource, get_prompt or send_message, whose resources are "
+    "Resource, Prompt and Agent: list the tool actions in its scope, or test `resource is Tool` first)"
 )
 _TOOLARGS_DEF = re.compile(r"(?:^|[\s;{}])type\s+ToolArgs\s*=")
 _BUDGET_DEF = re.compile(r"(?:^|[\s;{}])type\s+BudgetContext\s*=")

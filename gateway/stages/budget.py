@@ -33,6 +33,9 @@ from gateway.config import BudgetRule, CostTable
 from gateway.errors import ConfigError
 from gateway.state.db import budget_usage
 
+CHARGED = frozenset({"call_tool", "send_message"})
+"""The actions budgets count: tool calls and messages to agents (`match.upstreams` names agents too)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Charge:
@@ -162,8 +165,8 @@ class BudgetStage:
         return out
 
     async def __call__(self, call: ToolCall) -> Decision | None:
-        if call.principal is None or not self.rules or call.action != "call_tool":
-            return None  # budgets count tool calls (docs/budgets.md)
+        if call.principal is None or not self.rules or call.action not in CHARGED:
+            return None  # budgets count tool calls and A2A messages (docs/budgets.md)
         now = time.time()
         try:
             charges = self.charges(call, now)

@@ -81,4 +81,5 @@ class PolicyStage:
             pii=call.pii_input,
             budget=budget,
             session_tainted=call.session_tainted,
+            skill=call.skill,
         )

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Generator
 from http.cookiejar import CookieJar
@@ -25,8 +26,9 @@ from urllib.parse import quote_plus
 
 import httpx
 
-from gateway.config import OAuthClientConfig, UpstreamConfig
+from gateway.config import LLMCredential, OAuthClientConfig, UpstreamConfig
 from gateway.errors import ConfigError, UpstreamError
+from gateway.upstreams.transport import header_value_ok
 
 log = logging.getLogger("bastion.upstream")
 
@@ -167,3 +169,26 @@ def _oauth_error(body: bytes) -> str:
     if isinstance(error, str) and error.replace("_", "").isalnum():
         return f" ({error[:40]})"
     return ""
+
+
+def static_credential(where: str, cred: LLMCredential | None) -> tuple[str, str] | None:
+    """(header, value) read once at start-up; a missing key stops start-up naming where it was sought."""
+    if cred is None:
+        return None
+    if cred.from_env is not None:
+        key = os.environ.get(cred.from_env)
+        if not key:
+            raise ConfigError(f"{where}: environment variable {cred.from_env} is not set")
+    else:
+        assert cred.file is not None
+        try:
+            lines = cred.file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{where}.file: cannot read {cred.file}: {exc.strerror}") from exc
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"{where}.file: {cred.file} is empty")
+    value = cred.prefix + key.strip()
+    if not header_value_ok(value):
+        raise ConfigError(f"{where}: the key holds characters a header cannot carry")
+    return cred.header.lower(), value

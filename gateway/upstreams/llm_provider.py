@@ -9,13 +9,13 @@ event).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import httpx
 
 from gateway.config import LLMProvider
-from gateway.errors import ConfigError, ProtocolError, UpstreamError, UpstreamTimeout
+from gateway.errors import ProtocolError, UpstreamError, UpstreamTimeout
+from gateway.upstreams.credentials import static_credential
 from gateway.upstreams.streamable_http import Reply
 from gateway.upstreams.transport import LeanTransport, header_value_ok
 
@@ -68,25 +68,4 @@ class Provider:
 
 
 def _credential(name: str, cfg: LLMProvider) -> tuple[str, str] | None:
-    """(header, value) read once at start-up; a missing key stops start-up naming where it was sought."""
-    cred = cfg.credential
-    if cred is None:
-        return None
-    where = f"llm.providers.{name}.credential"
-    if cred.from_env is not None:
-        key = os.environ.get(cred.from_env)
-        if not key:
-            raise ConfigError(f"{where}: environment variable {cred.from_env} is not set")
-    else:
-        assert cred.file is not None
-        try:
-            lines = cred.file.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"{where}.file: cannot read {cred.file}: {exc.strerror}") from exc
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ConfigError(f"{where}.file: {cred.file} is empty")
-    value = cred.prefix + key.strip()
-    if not header_value_ok(value):
-        raise ConfigError(f"{where}: the key holds characters a header cannot carry")
-    return cred.header.lower(), value
+    return static_credential(f"llm.providers.{name}.credential", cfg.credential)

@@ -11,6 +11,7 @@ from referencing import Registry
 
 from gateway.call import Decision
 from gateway.fronts import jsonrpc
+from gateway.fronts.wire import explained
 from gateway.state.idempotency import Previous
 
 DECISION_META = "bastion/decision"
@@ -102,29 +103,3 @@ def refused_error(
     reason, with the decision in `data` (tool calls get a result the model can read instead)."""
     text, data = explained(decision, audit_id, approval)
     return jsonrpc.error(msg_id, REFUSED, text, data)
-
-
-def explained(
-    decision: Decision, audit_id: str, approval: dict[str, str] | None
-) -> tuple[str, dict[str, Any]]:
-    """A refusal as text a model can read, and as data: decision, reasons, audit id (and, for a
-    held call, the approval to ask for)."""
-    text = (
-        "; ".join(
-            f"denied by policy {r.policy}: {r.reason}" if r.reason else f"denied by policy {r.policy}"
-            for r in decision.reasons
-        )
-        or "denied"
-    )
-    data: dict[str, Any] = {
-        "decision": decision.effect,
-        "reasons": [r.to_json() for r in decision.reasons],
-        "audit_id": audit_id,
-    }
-    if approval is not None:
-        text = (
-            f"approval required: {approval['approval_id']}; "
-            f"ask {approval['approvers']} ({approval['approval_url']})"
-        )
-        data |= {"approval_id": approval["approval_id"], "approval_url": approval["approval_url"]}
-    return text, data
