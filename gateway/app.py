@@ -57,7 +57,7 @@ from gateway.state.db import open_state, sqlite_writer
 from gateway.state.idempotency import CallRegistry
 from gateway.state.pins import ToolPins
 from gateway.state.tasks import TaskOwners
-from gateway.upstreams.agents import AgentClient, message_schema
+from gateway.upstreams.agents import AgentClient, message_schemas
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http_tools import HTTPToolsUpstream
 from gateway.upstreams.llm_provider import Provider
@@ -264,10 +264,7 @@ class Gateway:
     def load_policy(self) -> PolicyEngine:
         """Read the policy set with what the upstreams told at start-up (a ConfigError if invalid)."""
         budgets = [b.name for b in self.cfg.budgets]
-        schemas = {
-            **self.tool_schemas,
-            **{f"\x00agent\x00{n}": message_schema(a) for n, a in self.cfg.agents.items()},
-        }
+        schemas = {**self.tool_schemas, **message_schemas(self.cfg.agents)}
         return PolicyEngine.load(self.cfg.policy, schemas, budgets, self.prompt_arguments)
 
     def install_policy(self, engine: PolicyEngine) -> None:

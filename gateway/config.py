@@ -714,6 +714,17 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _agents_named_apart(self) -> Config:
+        """Budgets' `match.upstreams`, metrics and the audit's `upstream` name agents and upstreams alike."""
+        taken = set(self.upstreams) | ({self.llm.tools.namespace} if self.llm.providers else set())
+        if clash := sorted(taken & set(self.agents)):
+            raise ValueError(
+                f"agents.{clash[0]}: an upstream (or llm.tools.namespace) has that name too; budgets, "
+                "metrics and the audit would not tell them apart: rename the agent"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _ops_listener_apart(self) -> Config:
         ops = self.ops.listen
         if ops is not None and ops.port != 0 and ops.port == self.listen.port:

@@ -23,6 +23,7 @@ from gateway.config import Config
 from gateway.errors import AuthError, ConfigError
 from gateway.policy.cases import CaseError, find_schema, run_paths
 from gateway.policy.engine import RESOURCE_TYPES, PolicyEngine
+from gateway.upstreams.agents import message_schemas
 
 __all__ = ["explain", "register"]
 
@@ -99,6 +100,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.schema:
         policy = policy.model_copy(update={"schema_file": Path(args.schema)})
     tools = _tool_schemas(args.tools) if args.tools else {}
+    tools |= message_schemas(cfg.agents)  # the agents' messages are typed by the config alone
     try:
         engine = PolicyEngine.load(policy, tools, [b.name for b in cfg.budgets])
     except ConfigError as err:

@@ -20,21 +20,23 @@ MAX_BODY = 1024 * 1024
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
-async def read_body(request: Request, limit: int = MAX_BODY, timeout_s: float = 10.0) -> bytes:
+async def read_body(
+    request: Request, limit: int = MAX_BODY, timeout_s: float = 10.0, setting: str = "listen.max_body_bytes"
+) -> bytes:
     """The request body, refused (413) as soon as it is known to be over `limit` bytes, and (408)
     when it takes longer than `timeout_s` to arrive: a client that trickles a body holds a
     connection and a task for as long as it likes otherwise."""
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read(request, limit)
+            return await _read(request, limit, setting)
     except TimeoutError:
         raise BodyTimeout(
             f"request body not received within {timeout_s:g} s (listen.body_timeout_s)"
         ) from None
 
 
-async def _read(request: Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"request body over {limit} bytes (listen.max_body_bytes)")
+async def _read(request: Request, limit: int, setting: str) -> bytes:
+    too_large = PayloadTooLarge(f"request body over {limit} bytes ({setting})")
     length = request.headers.get("content-length")
     if length is not None and not length.isdigit():
         raise ProtocolError("Content-Length is not a number")

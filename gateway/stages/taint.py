@@ -11,8 +11,11 @@ the file to ..."). Bastion cannot un-read a result for the model, so it does two
   that session carries `context.session.tainted == true` to Cedar, so a policy can refuse, for
   example, `external` tools after a tainted result.
 
-A session is the client's MCP session when it has one (legacy era), otherwise the principal and
-agent (issuer, subject, client id): stateless clients have no narrower unit.
+A session is the client's MCP session when it has one (legacy era), an A2A conversation
+(`contextId`) when the message names one, otherwise the principal and agent (issuer, subject,
+client id): stateless clients have no narrower unit. An A2A message is scanned on its way out
+too (the next agent reads it as a model reads a result): findings taint the conversation, the
+message itself included.
 """
 
 from __future__ import annotations
@@ -150,6 +153,11 @@ class TaintStage:
             return None
         try:
             call.session_tainted = await self._taint.is_tainted(key)
+            if call.action == "send_message" and (found := scan_result({"content": call.arguments})):
+                # a message is what the next agent reads: instructions in it taint the conversation,
+                # this message included (Cedar sees `context.session.tainted`)
+                call.session_tainted = True
+                await self._taint.mark(key, call, found)
         except SQLAlchemyError as exc:
             return Decision.deny(
                 "taint", "taint-unavailable", f"session taint unavailable: {type(exc).__name__}"

@@ -103,6 +103,12 @@ class AgentClient:
         return card
 
 
+def message_schemas(agents: Mapping[str, AgentConfig]) -> dict[str, dict[str, Any]]:
+    """`context.args` of messages to each agent, keyed apart from every `<upstream>/<tool>`, for
+    the policy loader (which types `ToolArgs` from them)."""
+    return {f"\x00agent\x00{name}": message_schema(cfg) for name, cfg in agents.items()}
+
+
 def message_schema(cfg: AgentConfig) -> dict[str, Any]:
     """The JSON Schema of `context.args` for messages to this agent (it gives Cedar its type)."""
     text = {"type": "array", "items": {"type": "string"}}

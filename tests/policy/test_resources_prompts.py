@@ -117,7 +117,7 @@ when { resource.uri like "notes://draft-*" };
     assert d.reasons[0].reason == "no policy permits get_prompt on demo/summarise"
     d = eng.decide(DEV, "get_prompt", "demo", "summarise", {"topic": ["x"]}, READ)
     assert d.policy_ids == ["invalid-arguments"] and "prompt arguments are strings" in d.reasons[0].reason
-    assert eng.decide(DEV, "send_message", "demo", "x", {}, READ).policy_ids == ["policy-error"]
+    assert eng.decide(DEV, "fly_away", "demo", "x", {}, READ).policy_ids == ["policy-error"]
 
 
 def test_prompt_arguments_type_context_args(tmp_path: Path) -> None:

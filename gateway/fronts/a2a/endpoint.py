@@ -30,7 +30,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.call import Decision, Principal, Reason, ToolCall, new_trace_id
 from gateway.config import A2AConfig
-from gateway.errors import AuthError, BastionError, ProtocolError, TooManyRefusals
+from gateway.errors import (
+    AuthError,
+    BastionError,
+    BodyTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    TooManyRefusals,
+)
 from gateway.fronts import jsonrpc
 from gateway.fronts.a2a import wire
 from gateway.fronts.client_info import client_name
@@ -106,7 +113,9 @@ class A2AFront:
             return self._http_error(err)
         msg_id: Any = None
         try:
-            body = await read_body(request, self.cfg.max_body_bytes, self.body_timeout_s)
+            body = await read_body(
+                request, self.cfg.max_body_bytes, self.body_timeout_s, "a2a.max_body_bytes"
+            )
             doc = parse_json(body, self.max_depth)
             method, msg_id, params = _request(doc)
             kind = wire.METHODS.get(method)
@@ -136,8 +145,11 @@ class A2AFront:
             if kind in ("send", "stream"):
                 return await self._send(agent, principal, base, doc, body, params, headers, kind == "stream")
             return await self._task(agent, principal, base, doc, body, params, headers)
-        except BastionError as err:
-            return JSONResponse(_error(msg_id, _code(err), err.message))
+        except BastionError as err:  # a body too big or too slow keeps its HTTP status; the rest is JSON-RPC
+            status = (
+                err.http_status if isinstance(err, PayloadTooLarge | BodyTimeout | TooManyRefusals) else 200
+            )
+            return JSONResponse(_error(msg_id, _code(err), err.message), status)
         except Exception as exc:  # a bug: still an answer the SDKs can read (the call was recorded)
             log.error("A2A message to %s failed inside the gateway", name, exc_info=exc)
             return JSONResponse(_error(msg_id, -32603, f"internal error ({type(exc).__name__})"))

@@ -72,7 +72,7 @@ def an_id(value: Any, what: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ProtocolError(f"{what} must be 1-200 characters of letters, digits and ._:@/+=-")
+        raise ProtocolError(f"{what} must be 1-200 characters of letters, digits and ._:@/+=-", -32602)
     return value
 
 

@@ -98,7 +98,9 @@ class LLMFront:
     ) -> Response:
         try:
             principal = await self._authenticate(request, name, api)
-            body = await read_body(request, self.cfg.max_body_bytes, self.body_timeout_s)
+            body = await read_body(
+                request, self.cfg.max_body_bytes, self.body_timeout_s, "llm.max_body_bytes"
+            )
             doc = parse_json(body, self.max_depth)
             if not isinstance(doc, dict):
                 raise ProtocolError("the body must be a JSON object")

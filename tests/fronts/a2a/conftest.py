@@ -9,7 +9,9 @@ Agents, each with the `subject` it presents when it calls Bastion itself:
 Policies (on top of the repo's):
 - analysts may message any agent; nobody may send one an `amount` of 100 or more;
 - nobody may ask for the skill `wire`;
-- nothing acting through researcher-bot may message `leaky`.
+- nothing acting through researcher-bot may message `leaky`;
+- no message goes on from a conversation tainted by prompt injection.
+`down` is an agent nobody answers for.
 A budget allows three messages to `echo` a day per agent acting for bob's assistant
 (`per: [agent]`, so a delegate's messages count against every agent above it). Redaction
 replaces e-mail addresses and US SSNs in messages and answers.
@@ -29,7 +31,7 @@ from audit.store import AuditStore
 from gateway.app import Gateway
 from gateway.identity.devkeys import DevKey, ensure_dev_key
 from tests.a2a_agents import Agent, echo, leaky, relay, running_agent, slow
-from tests.conftest import POLICIES, free_port, make_config, running_gateway
+from tests.conftest import POLICIES, dead_url, free_port, make_config, running_gateway
 
 AGENT_POLICIES = """
 @id("agents-for-analysts")
@@ -45,6 +47,11 @@ when { context.args has data && context.args.data has amount && context.args.dat
 @reason("no agent may be asked to wire money")
 forbid(principal, action == Action::"send_message", resource)
 when { context has skill && context.skill == "wire" };
+
+@id("no-tainted-messages")
+@reason("a conversation that carried prompt injection may not go on to another agent")
+forbid(principal, action == Action::"send_message", resource)
+when { context.session.tainted };
 
 @id("researcher-stays-clean")
 @reason("work passed on by the researcher may not reach the leaky agent")
@@ -111,6 +118,7 @@ async def a2a_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[A2A
             name: {"url": a.url, "subject": f"{name}-bot", "data_schema": data_schema}
             for name, a in agents.items()
         }
+        configured["down"] = {"url": dead_url().removesuffix("mcp"), "subject": "down-bot"}
         configured["echo"]["credential"] = {
             "header": "authorization",
             "prefix": "Bearer ",
