@@ -256,3 +256,36 @@ async def http() -> Any:
 
 
 __all__ = ["asyncio"]
+
+
+async def test_the_sdks_v03_client_works_through_the_card_bastion_serves(env: A2AEnv) -> None:
+    """The SDK picks its 0.3 transport when the card offers only a 0.3 interface."""
+    from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
+
+    headers = {"authorization": f"Bearer {env.token('olga')}"}
+    async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+        card = await A2ACardResolver(http, env.url("echo")).get_agent_card()
+        legacy = [i for i in card.supported_interfaces if i.protocol_version == "0.3"]
+        del card.supported_interfaces[:]
+        card.supported_interfaces.extend(legacy)
+        client = ClientFactory(ClientConfig(httpx_client=http, streaming=False)).create(card)
+        found = [r async for r in client.send_message(_request("spoken in 0.3"))]
+    assert text_of(found[-1]) == "echo: spoken in 0.3"
+    [seen] = [s for s in env.agents["echo"].seen if s.method == "message/send"]
+    assert seen.headers.get("a2a-version", "0.3") == "0.3"  # passed on as the client sent it
+    [record] = await env.records(protocol="a2a", user="olga")
+    assert record.a2a is not None and record.a2a["method"] == "message/send"
+
+
+async def test_the_trail_of_agent_traffic_verifies(env: A2AEnv) -> None:
+    from audit.store import AuditStore
+    from audit.verify import verify
+
+    await _send(env, "echo", _request("for the record"))
+    store = await AuditStore.open(env.gw.cfg.audit.url)
+    try:
+        result = await verify(store, None)
+    finally:
+        await store.close()
+    assert result.problems == [] and result.pending == 0
+    assert any(r.a2a for r in await env.records(protocol="a2a"))
