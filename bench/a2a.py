@@ -222,7 +222,15 @@ async def drive(
             t0 = time.perf_counter()
             for c in levels:
                 for arm in arms if r % 2 == 0 else reversed(arms):
-                    await _segment(arm, count, c, tallies[(c, arm.key)], agent, True)
+                    tally = tallies[(c, arm.key)]
+                    await _segment(arm, count, c, tally, agent, True)
+                    if progress:
+                        done = sorted(tally.latencies_ms[-count:])
+                        print(
+                            f"bench.a2a:   C = {c}, {arm.key}: p50 {done[len(done) // 2]:.1f} ms, "
+                            f"max {done[-1]:.1f} ms, {tally.failures} failed so far",
+                            file=sys.stderr,
+                        )
             if progress:
                 print(
                     f"bench.a2a: round {r + 1}/{rounds} in {time.perf_counter() - t0:.1f} s", file=sys.stderr

@@ -57,7 +57,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     target.add_argument("--tool", metavar="UPSTREAM/TOOL")
     target.add_argument("--resource", metavar="UPSTREAM/URI", help="a resource (action read_resource)")
     target.add_argument("--prompt", metavar="UPSTREAM/PROMPT", help="a prompt (action get_prompt)")
-    e.add_argument("--args", default="{}", metavar="JSON", help="tool or prompt arguments as JSON, or @FILE")
+    target.add_argument("--agent", metavar="AGENT", help="an A2A agent (action send_message)")
+    e.add_argument(
+        "--args",
+        default="{}",
+        metavar="JSON",
+        help="tool or prompt arguments as JSON, or @FILE (for --agent: {text, data, files, metadata})",
+    )
+    e.add_argument("--skill", help="with --agent: the skill the message names (context.skill)")
     e.add_argument(
         "--action",
         choices=sorted(get_args(Action)),
@@ -191,16 +198,23 @@ def _policies_json(decision: Decision, engine: PolicyEngine) -> list[dict[str, A
     return out
 
 
-_KINDS = {"Tool": "tool", "Resource": "resource", "Prompt": "prompt"}
+_KINDS = {"Tool": "tool", "Resource": "resource", "Prompt": "prompt", "Agent": "agent"}
 
 
 async def explain(
-    cfg: Config, token: str, upstream: str, tool: str, args: Mapping[str, Any], action: str = "call_tool"
+    cfg: Config,
+    token: str,
+    upstream: str,
+    tool: str,
+    args: Mapping[str, Any],
+    action: str = "call_tool",
+    skill: str | None = None,
 ) -> dict[str, Any]:
     """The full decision for one request, as JSON-able data; nothing is forwarded.
 
     `tool` names what `action` applies to: a tool, a resource's URI (`read_resource`) or a prompt
-    (`get_prompt`). `decision` is what the pipeline answers (the stage that decided included);
+    (`get_prompt`); for `send_message`, `upstream` is the agent and `tool` the skill (or
+    `message`). `decision` is what the pipeline answers (the stage that decided included);
     `policy` is the policy stage's own verdict with each deciding policy, its source and
     obligation, so an obligation the pipeline cannot honour yet is still visible; `listed` says
     whether the matching listing shows the item to this caller.
@@ -208,9 +222,11 @@ async def explain(
     from gateway.app import Gateway
 
     kind = _KINDS[RESOURCE_TYPES[action]]
-    if upstream not in cfg.upstreams:
-        known = ", ".join(sorted(cfg.upstreams)) or "none"
-        raise ConfigError(f"--{kind}: no upstream named {upstream!r} in the config (configured: {known})")
+    targets = cfg.agents if kind == "agent" else cfg.upstreams
+    if upstream not in targets:
+        known = ", ".join(sorted(targets)) or "none"
+        what = "agent" if kind == "agent" else "upstream"
+        raise ConfigError(f"--{kind}: no {what} named {upstream!r} in the config (configured: {known})")
     cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"watch": False})})
     gw = Gateway(cfg)
     try:
@@ -219,6 +235,7 @@ async def explain(
         assert engine is not None
         out: dict[str, Any] = {
             "request": {"action": action, "upstream": upstream, kind: tool, "arguments": dict(args)},
+            **({"skill": skill} if skill is not None else {}),
             "policy_version": engine.version,
             "forwarded": False,
         }
@@ -240,7 +257,9 @@ async def explain(
             principal=principal,
             dry_run=True,
         )
-        verdict = engine.decide(principal, action, upstream, tool, args, gw.settings_for(upstream, tool))
+        call.skill = skill
+        settings = gw.settings_for(upstream, tool)
+        verdict = engine.decide(principal, action, upstream, tool, args, settings, skill=skill)
         final = await gw.mcp.pipeline.decide(call)
         out["decision"] = final.to_json()
         out["policy"] = {
@@ -255,6 +274,8 @@ async def explain(
             ),
         }
         out["errors"] = [f"{r.policy}: {r.reason}" for r in final.reasons if r.policy in _ERROR_POLICIES]
+        if kind == "agent":
+            return out  # nothing lists agents
         listing = {"tool": "call_tool", "resource": "read_resource", "prompt": "get_prompt"}[kind]
         settings_for = (lambda name: gw.settings_for(upstream, name)) if kind == "tool" else None
         out["listed"] = bool(engine.listable(principal, listing, upstream, [tool], settings_for))
@@ -267,7 +288,7 @@ def render(result: Mapping[str, Any]) -> str:
     """The explanation for a person: effect first, then why."""
     req = result["request"]
     decision = result["decision"]
-    name = next(req[k] for k in ("tool", "resource", "prompt") if k in req)
+    name = next(req[k] for k in ("tool", "resource", "prompt", "agent") if k in req)
     lines = [
         f"request:   {req['action']} {req['upstream']}/{name} {json.dumps(req['arguments'])}",
     ]
@@ -300,17 +321,27 @@ def render(result: Mapping[str, Any]) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    kind = next(k for k in ("tool", "resource", "prompt") if getattr(args, k) is not None)
+    kind = next(k for k in ("tool", "resource", "prompt", "agent") if getattr(args, k) is not None)
     value: str = getattr(args, kind)
+    if kind == "agent":  # an agent is a resource of its own: the skill (or "message") names the call
+        value = f"{value}/{args.skill or 'message'}"
+    elif args.skill is not None:
+        raise ConfigError("--skill goes with --agent")
     upstream, sep, name = value.partition("/")
     shape = {"tool": "UPSTREAM/TOOL", "resource": "UPSTREAM/URI", "prompt": "UPSTREAM/PROMPT"}[kind]
     if not sep or not upstream or not name:
         raise ConfigError(f"--{kind}: expected {shape}, got {value!r}")
-    action = args.action or {"tool": "call_tool", "resource": "read_resource", "prompt": "get_prompt"}[kind]
+    defaults = {
+        "tool": "call_tool",
+        "resource": "read_resource",
+        "prompt": "get_prompt",
+        "agent": "send_message",
+    }
+    action = args.action or defaults[kind]
     if _KINDS[RESOURCE_TYPES[action]] != kind:
         raise ConfigError(f"--action {action} does not apply to --{kind}")
     arguments = _parse_args(args.args)
     cfg = _config(args.config)
-    result = asyncio.run(explain(cfg, args.token, upstream, name, arguments, action))
+    result = asyncio.run(explain(cfg, args.token, upstream, name, arguments, action, args.skill))
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
