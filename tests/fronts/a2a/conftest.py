@@ -11,7 +11,8 @@ Policies (on top of the repo's):
 - nobody may ask for the skill `wire`;
 - nothing acting through researcher-bot may message `leaky`;
 - no message goes on from a conversation tainted by prompt injection.
-`down` is an agent nobody answers for.
+`down` is an agent nobody answers for; `slow` is the one agent push-notification configs are
+relayed to.
 A budget allows three messages to `echo` a day per agent acting for bob's assistant
 (`per: [agent]`, so a delegate's messages count against every agent above it). Redaction
 replaces e-mail addresses and US SSNs in messages and answers.
@@ -118,6 +119,7 @@ async def a2a_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[A2A
             name: {"url": a.url, "subject": f"{name}-bot", "data_schema": data_schema}
             for name, a in agents.items()
         }
+        configured["slow"]["push_notifications"] = True
         configured["down"] = {"url": dead_url().removesuffix("mcp"), "subject": "down-bot"}
         configured["echo"]["credential"] = {
             "header": "authorization",

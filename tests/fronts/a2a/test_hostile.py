@@ -182,3 +182,23 @@ async def test_cancelling_someone_elses_task_is_refused(env: A2AEnv, http: httpx
     own = (await http.post(env.url("echo"), json=cancel, headers=_auth(env, "carl"))).json()
     assert "error" in own and own["error"]["code"] == -32002  # the agent's own answer: already completed
     assert [s.method for s in env.agents["echo"].seen] == ["SendMessage", "CancelTask"]
+
+
+async def test_push_configs_where_enabled_are_relayed_for_the_tasks_creator_only(
+    env: A2AEnv, http: httpx.AsyncClient
+) -> None:
+    made = await http.post(env.url("slow"), json=_send("go", msg_id=5), headers=_auth(env, "pia"))
+    task_id = made.json()["result"]["task"]["id"]
+    push = {
+        "jsonrpc": "2.0",
+        "id": 6,
+        "method": "CreateTaskPushNotificationConfig",
+        "params": {"taskId": task_id, "url": "https://hooks.example.net/x"},
+    }
+    other = (await http.post(env.url("slow"), json=push, headers=_auth(env, "quentin"))).json()["error"]
+    assert other["code"] == -32001
+    mine = (await http.post(env.url("slow"), json=push, headers=_auth(env, "pia"))).json()
+    assert mine["error"]["code"] == -32003  # relayed: the agent itself keeps no push configs
+    assert [s.method for s in env.agents["slow"].seen] == ["SendMessage", "CreateTaskPushNotificationConfig"]
+    elsewhere = (await http.post(env.url("echo"), json=push, headers=_auth(env, "pia"))).json()["error"]
+    assert elsewhere["code"] == -32004 and "push notifications" in elsewhere["message"]
