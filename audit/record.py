@@ -43,6 +43,12 @@ class AuditRecord:
     """A tool call a model asked for (`protocol: "llm"`): the `provider` and `model`; absent otherwise."""
     a2a: dict[str, str] | None = None
     """An agent-to-agent message (`protocol: "a2a"`): `method`, `task_id`, `context_id`; else absent."""
+    replay: dict[str, Any] | None = None
+    """What `bastion policy replay` needs that the other fields do not hold: the caller's `issuer`,
+    `groups`, `roles`, `scopes`, whether it had an e-mail address (`has_email`; never the address),
+    whether the session was `tainted`, the A2A `skill`, and `policy`, the policy stage's own
+    verdict (`effect`, `policy_ids`) when it ran. Absent on records made before it existed, and on
+    calls refused before anyone was known."""
     upstream: str
     tool: str
     action: str
@@ -91,6 +97,8 @@ class AuditRecord:
             del out["llm"]  # kept out of other records, whose documents stay as they were
         if self.a2a is None:
             del out["a2a"]
+        if self.replay is None:
+            del out["replay"]
         return out
 
     @classmethod
@@ -109,7 +117,18 @@ _FIELD_SET = frozenset(_FIELDS)
 _REQUIRED = tuple(
     n
     for n in _FIELDS
-    if n not in {"schema_version", "delegation_chain", "client", "llm", "a2a", "seq", "prev_hash", "hash"}
+    if n
+    not in {
+        "schema_version",
+        "delegation_chain",
+        "client",
+        "llm",
+        "a2a",
+        "replay",
+        "seq",
+        "prev_hash",
+        "hash",
+    }
 )
 
 

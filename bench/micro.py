@@ -2,7 +2,8 @@
 
 Optional parts written by their owners are picked up when their module exists: `bench/cedar.py`
 (Cedar decision µs for 10 / 200 / 2,000 policies), `bench/budgets.py` (budget consume µs),
-`bench/redaction.py` (redaction µs per KB). Each exposes `run()` (or `measure`, `speed`, `bench`)
+`bench/redaction.py` (redaction µs per KB), `bench/shadow.py` (the policy stage without and with
+a shadow policy set). Each exposes `run()` (or `measure`, `speed`, `bench`)
 returning a mapping of labels to values, or rows; until a module exists the report says "not
 available yet".
 """
@@ -174,6 +175,7 @@ OPTIONAL = {
     "cedar": "Cedar decision, median",
     "budgets": "budget consume (SQLite, PostgreSQL)",
     "redaction": "redaction µs per KB",
+    "shadow": "policy stage µs, shadow policy set",
 }
 _ENTRY_POINTS = ("run", "measure", "speed", "bench")
 

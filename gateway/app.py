@@ -30,7 +30,7 @@ from audit.sqlite_thread import SQLiteThread
 from audit.store import AuditStore, AuditStoreError
 from audit.writer import AuditWriter
 from gateway import metrics
-from gateway.config import Config, ToolSettings
+from gateway.config import Config, PolicyConfig, ToolSettings
 from gateway.errors import BastionError, ConfigError
 from gateway.fronts.a2a.endpoint import A2AFront
 from gateway.fronts.admin_api import AdminAPI
@@ -50,7 +50,7 @@ from gateway.policy.engine import PolicyEngine
 from gateway.policy.reload import PolicyWatcher
 from gateway.stages.budget import BudgetStage
 from gateway.stages.pinning import PinningStage
-from gateway.stages.policy import PolicyStage
+from gateway.stages.policy import SHADOW_KINDS, PolicyStage
 from gateway.stages.taint import SessionTaint, TaintStage
 from gateway.state.approvals import Approvals
 from gateway.state.db import open_state, sqlite_writer
@@ -110,6 +110,9 @@ class Gateway:
         """Upstream prompt argument names learned at start-up: `context.args` of `get_prompt`."""
         """Upstream tool input schemas learned at start-up; policy reloads type `context.args` with them."""
         self.policy_watcher: PolicyWatcher | None = None
+        self.shadow: PolicyEngine | None = None
+        """The shadow policy set (`policy.shadow`): decided beside `policy` on every call, never enforced."""
+        self.shadow_watcher: PolicyWatcher | None = None
         self.store: AuditStore | None = None
         self.writer: AuditWriter | None = None
         self.state: AsyncEngine | None = None
@@ -154,6 +157,13 @@ class Gateway:
         for warning in self.policy.warnings:
             log.warning("policy: %s", warning)
         metrics.POLICY_VERSION.labels(self.policy.version).set(1)
+        if cfg.policy.shadow is not None:
+            self.install_shadow(self.load_shadow())
+            assert self.shadow is not None
+            for warning in self.shadow.warnings:
+                log.warning("shadow policy: %s", warning)
+            for kind in SHADOW_KINDS:
+                metrics.labelled(metrics.SHADOW_DISAGREEMENTS, kind)  # exported as 0 from the start
         try:
             self.store = await AuditStore.open(cfg.audit.url)
         except AuditStoreError as exc:
@@ -184,7 +194,7 @@ class Gateway:
         ids = self.auth.identities
         budgets = BudgetStage(cfg.budgets, self.state, self.state_writer, ids) if cfg.budgets else None
         view = budgets.view if budgets else None  # context.budget, read only when a policy uses it
-        policy = PolicyStage(self._policy, self.settings_for, view)
+        policy = PolicyStage(self._policy, self.settings_for, view, lambda: self.shadow)
         taint = SessionTaint(self.state, cfg.pinning.refresh_s)
         self.pins = ToolPins(self.state, cfg.pinning)
         if self.pins.enabled:
@@ -214,6 +224,7 @@ class Gateway:
             pins=pins,
             tasks=TaskOwners(self.state),
             durability=cfg.audit.durability,
+            arguments=cfg.audit.arguments,
         )
         signer = SessionSigner(session_key, cfg.sessions.max_age_s)
         self._mcp = MCPFront(
@@ -236,10 +247,26 @@ class Gateway:
                 cfg.policy, self.load_policy, self.install_policy, lambda: self._policy().version
             )
             self.policy_watcher.start()
+        shadow_cfg = cfg.policy.shadow_set()
+        if self.shadow is not None and shadow_cfg is not None:
+            log.info(
+                "shadow policy set %s loaded from %s (never enforced)", self.shadow.version, shadow_cfg.dir
+            )
+            if cfg.policy.watch:
+                self.shadow_watcher = PolicyWatcher(
+                    shadow_cfg,
+                    self.load_shadow,
+                    self.install_shadow,
+                    lambda: self.shadow.version if self.shadow else None,
+                    shadow=True,
+                )
+                self.shadow_watcher.start()
 
     async def stop(self) -> None:
         if self.policy_watcher is not None:
             await self.policy_watcher.aclose()
+        if self.shadow_watcher is not None:
+            await self.shadow_watcher.aclose()
         if self.pipeline is not None:
             await self.pipeline.drain()
         if self.approvals is not None:
@@ -261,11 +288,28 @@ class Gateway:
         assert self.policy is not None
         return self.policy
 
-    def load_policy(self) -> PolicyEngine:
-        """Read the policy set with what the upstreams told at start-up (a ConfigError if invalid)."""
+    def load_policy(self, policy: PolicyConfig | None = None) -> PolicyEngine:
+        """Read the policy set (default: `policy`'s) with what the upstreams told at start-up
+        (a ConfigError if invalid)."""
         budgets = [b.name for b in self.cfg.budgets]
         schemas = {**self.tool_schemas, **message_schemas(self.cfg.agents)}
-        return PolicyEngine.load(self.cfg.policy, schemas, budgets, self.prompt_arguments)
+        return PolicyEngine.load(policy or self.cfg.policy, schemas, budgets, self.prompt_arguments)
+
+    def load_shadow(self) -> PolicyEngine:
+        """Read the shadow set exactly as the live one (a ConfigError naming `policy.shadow.dir`)."""
+        shadow = self.cfg.policy.shadow_set()
+        assert shadow is not None
+        try:
+            return self.load_policy(shadow)
+        except ConfigError as exc:
+            raise ConfigError(f"policy.shadow.dir {shadow.dir}: {exc.message}") from exc
+
+    def install_shadow(self, engine: PolicyEngine) -> None:
+        """Swap in a new shadow set (one assignment, as `install_policy`)."""
+        old, self.shadow = self.shadow, engine
+        metrics.SHADOW_VERSION.labels(engine.version).set(1)
+        if old is not None and old.version != engine.version:
+            metrics.SHADOW_VERSION.remove(old.version)
 
     def install_policy(self, engine: PolicyEngine) -> None:
         """Swap in a new policy set: one assignment, so every call sees the old set or the new one."""

@@ -227,6 +227,8 @@ class ToolCall:
     """For an A2A message: its `method`, and the `task_id` / `context_id` once known (audited)."""
     skill: str | None = None
     """For an A2A message that names a skill: Cedar's `context.skill`."""
+    policy_verdict: Decision | None = None
+    """The policy stage's own verdict (the record keeps it: `bastion policy replay` compares with it)."""
     session: str | None = None
     """The client's MCP session id, when it has one (taint is tracked per session)."""
     session_tainted: bool = False
@@ -250,6 +252,11 @@ class ToolCall:
     """The redaction stage's argument scan, kept from before policy to the transformation after it."""
     approval_id: str | None = None
     """The human approval this call uses (approved, to be consumed) or waits for (held)."""
+    shadow: dict[str, Any] | None = None
+    """When the shadow policy set decided otherwise than the live one (`policy.shadow`):
+    `{effect, policy_ids, policy_version, kind}`, kind one of newly_denied, newly_allowed,
+    changed_obligation, error. None when they agree (or no shadow set is configured). Audited
+    as `decision.shadow`; never enforced."""
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
     recorded: bool = False

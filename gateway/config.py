@@ -147,6 +147,18 @@ class IdentityConfig(_Strict):
         return Identities(tuple(i.issuer for i in self.issuers), tuple(map(tuple, self.same_identity)))
 
 
+class ShadowConfig(_Strict):
+    """A candidate policy set decided beside the live one on every call, never enforced
+    (docs/policy.md, "Shadow mode"). Its schema and entities default to the shadow dir's own
+    `schema.cedarschema` / `entities.json` when it has them, else to the live set's."""
+
+    dir: Path
+    schema_file: Path | None = Field(None, alias="schema")
+    entities: Path | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
 class PolicyConfig(_Strict):
     dir: Path = Path("policies")
     schema_file: Path | None = Field(None, alias="schema")
@@ -159,8 +171,22 @@ class PolicyConfig(_Strict):
     """Group/role hierarchy (Cedar entities JSON). Default: <dir>/entities.json when it exists."""
     exclude: list[str] = ["examples", "tests"]
     """Paths under dir (fnmatch patterns) whose *.cedar files are not part of the set."""
+    shadow: ShadowConfig | None = None
+    """A candidate set evaluated beside this one, never enforced; disagreements are audited."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def shadow_set(self) -> PolicyConfig | None:
+        """The shadow set as a policy config of its own (same timezone, exclusions, watching), or
+        None when none is configured. Its schema and entities fall back to the live set's."""
+        if self.shadow is None:
+            return None
+        d = self.shadow.dir
+        own_schema = d / "schema.cedarschema"
+        own_entities = d / "entities.json"
+        schema = self.shadow.schema_file or (own_schema if own_schema.is_file() else self.schema_path)
+        entities = self.shadow.entities or (own_entities if own_entities.exists() else self.entities_path)
+        return self.model_copy(update={"dir": d, "schema_file": schema, "entities": entities, "shadow": None})
 
     @property
     def schema_path(self) -> Path:
@@ -317,6 +343,12 @@ class AuditConfig(_Strict):
     record before it is answered. `intent`: the pending record as in strict; the final record is
     group-committed without holding the answer (a crash in between leaves it `interrupted`, never
     missing). See docs/audit.md."""
+    arguments: Literal["redacted", "shape"] = "redacted"
+    """What `args_redacted` keeps of arguments. With `redaction:` configured, its view of the
+    arguments it scanned, whatever this says. Otherwise `redacted`: their values, with what
+    built-in detectors find (secrets, e-mail, phone, card, national ids) replaced by `<ENTITY>`,
+    so a decision on `context.args` can be reviewed and replayed; `shape`: only their types and
+    sizes (`<string:12>`), for when a missed value must not be stored. See docs/audit.md."""
     on_unavailable: Literal["deny"] = "deny"
     """When the decision record cannot be written before forwarding, the call is denied (fail closed)."""
     signing_key_file: Path | None = None
@@ -769,6 +801,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             "dir": rel(cfg.policy.dir),
             "schema_file": rel(cfg.policy.schema_file),
             "entities": rel(cfg.policy.entities),
+            "shadow": cfg.policy.shadow.model_copy(
+                update={
+                    "dir": rel(cfg.policy.shadow.dir),
+                    "schema_file": rel(cfg.policy.shadow.schema_file),
+                    "entities": rel(cfg.policy.shadow.entities),
+                }
+            )
+            if cfg.policy.shadow
+            else None,
         }
     )
     issuers = [

@@ -172,6 +172,9 @@ def ops_routes(gw: Gateway) -> list[Route]:
             # A refused reload leaves a complete, validated set serving: readiness stays 200 (pulling
             # every replica that saw the same bad file would turn a typo into an outage).
             body["policy_reload"] = gw.policy_watcher.status().to_json()
+        if gw.shadow_watcher is not None:
+            # The shadow set enforces nothing: a refused shadow reload never makes the replica unready.
+            body["shadow_reload"] = gw.shadow_watcher.status().to_json()
         return JSONResponse(body, 200 if ok else 503)
 
     async def prometheus() -> Response:

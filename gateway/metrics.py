@@ -149,6 +149,33 @@ POLICY_RELOAD_REFUSED = Gauge(
     "1 while the policy files on disk are refused and an older set is serving",
     registry=REGISTRY,
 )
+SHADOW_DISAGREEMENTS = Counter(
+    "bastion_policy_shadow_disagreements",
+    "Calls the shadow policy set decided differently from the live one (kind: newly_denied, "
+    "newly_allowed, changed_obligation; error: the shadow could not decide)",
+    ["kind"],
+    registry=REGISTRY,
+)
+SHADOW_VERSION = Gauge(
+    "bastion_policy_shadow_info",
+    "The shadow policy set (decided beside the live one, never enforced)",
+    ["version"],
+    registry=REGISTRY,
+    multiprocess_mode="liveall",
+)
+SHADOW_RELOADS = Counter(
+    "bastion_policy_shadow_reloads", "Shadow policy sets swapped in by hot reload", registry=REGISTRY
+)
+SHADOW_RELOAD_FAILURES = Counter(
+    "bastion_policy_shadow_reload_failures",
+    "Changed shadow policy files refused by hot reload (the previous shadow set kept deciding)",
+    registry=REGISTRY,
+)
+SHADOW_RELOAD_REFUSED = Gauge(
+    "bastion_policy_shadow_reload_refused",
+    "1 while the shadow policy files on disk are refused and an older shadow set is evaluated",
+    registry=REGISTRY,
+)
 
 
 MAX_TOOL_LABELS = 1000

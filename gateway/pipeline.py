@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.record import PENDING, SCHEMA_VERSION, AuditRecord, args_hmac, shape_of
@@ -63,6 +64,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.redaction.basic import audit_view
 from gateway.stages.policy import PolicyStage
 from gateway.stages.taint import SessionTaint, check_result, session_key
 from gateway.state.approvals import Approvals, binding_of
@@ -79,6 +81,9 @@ if TYPE_CHECKING:
     from gateway.stages.redact import Redactor
 
 log = logging.getLogger("bastion.pipeline")
+
+VIEW_INLINE_BYTES = 16 * 1024
+"""Arguments with more text than this get their audit view made in a worker thread, off the loop."""
 
 RESULT_OK: Mapping[Action, str] = {
     "call_tool": "CallToolResult",
@@ -197,6 +202,7 @@ class Pipeline:
         pins: ToolPins | None = None,
         tasks: TaskOwners | None = None,
         durability: Literal["strict", "intent"] = "strict",
+        arguments: Literal["redacted", "shape"] = "redacted",
     ) -> None:
         self.stages = tuple(stages)
         self.upstreams = upstreams
@@ -218,6 +224,8 @@ class Pipeline:
         self.durability = durability
         """`strict`: the final record is durable before the answer; `intent`: only the pending one
         is (before forwarding), the final one is group-committed without holding the answer."""
+        self.arguments = arguments
+        """`audit.arguments`: what a record keeps of arguments the configured redaction did not scan."""
         self._writer = writer
         self._instance = instance
         self._hmac_key = hmac_key
@@ -442,10 +450,18 @@ class Pipeline:
         """Run the stages in order; the first denial (or approval demand) ends the chain."""
         decision: Decision | None = None
         approved: str | None = None
+        if self.redactor is None and self.arguments == "redacted" and call.principal is not None:
+            # the record's (and an approval's) view of the arguments, made once; a large one off the loop
+            if len(orjson.dumps(call.arguments)) <= VIEW_INLINE_BYTES:
+                call.redacted_args = audit_view(call.arguments)
+            else:
+                call.redacted_args = await asyncio.to_thread(audit_view, call.arguments)
         for stage in self.stages:
             t0 = time.perf_counter()
             verdict = await stage(call)
             metrics.labelled(metrics.STAGE_SECONDS, stage.name).observe(time.perf_counter() - t0)
+            if stage is self.policy:
+                call.policy_verdict = verdict  # what a replay compares a candidate policy set with
             if verdict is None:
                 continue
             if verdict.effect == "approval_required":
@@ -595,7 +611,7 @@ class Pipeline:
         try:
             if self._writer.is_pending(call.audit_id):
                 # the result may have changed what is known (PII found in it, a withheld result)
-                changes = {"pii": _pii(call), "decision": decision.to_json()}
+                changes = {"pii": _pii(call), "decision": _decision_json(call, decision)}
                 if call.a2a is not None:
                     changes["a2a"] = dict(call.a2a)  # the task id is known only from the answer
                 if self.durability == "intent":
@@ -906,6 +922,7 @@ class Pipeline:
             tenant=p.tenant if p else None,
             agent=p.agent if p else None,
             delegation_chain=list(p.delegation_chain) if p else [],
+            replay=_replay_inputs(call),
             protocol=call.protocol,
             client=call.client,
             llm=call.llm,
@@ -913,9 +930,9 @@ class Pipeline:
             upstream=call.upstream,
             tool=call.tool,
             action=call.action,
-            args_redacted=_stored_args(call),
+            args_redacted=_stored_args(call, self.arguments),
             args_hmac=args_hmac(self._hmac_key, call.arguments),
-            decision=decision.to_json(),
+            decision=_decision_json(call, decision),
             budget=call.budget,
             pii=_pii(call),
             outcome=outcome,
@@ -923,13 +940,45 @@ class Pipeline:
         )
 
 
-def _stored_args(call: ToolCall) -> Any:
-    """The arguments as the record keeps them: redacted, else their shape. A call refused before
-    anyone was identified keeps a fixed-size summary: an anonymous caller must not be able to
-    make the trail store as much as it sends."""
+def _stored_args(call: ToolCall, mode: Literal["redacted", "shape"]) -> Any:
+    """The arguments as the record keeps them (`audit.arguments`): the configured redaction's view
+    when it scanned them, else with `redacted` their values with the built-in detectors' findings
+    replaced (`gateway.redaction.basic`), else their shape. A call refused before anyone was
+    identified keeps a fixed-size summary: an anonymous caller must not be able to make the trail
+    store as much as it sends."""
     if call.principal is None:
         return {"unauthenticated": True, "arguments": len(call.arguments)}
-    return shape_of(call.arguments) if call.redacted_args is None else call.redacted_args
+    if call.redacted_args is not None:
+        return call.redacted_args
+    return audit_view(call.arguments) if mode == "redacted" else shape_of(call.arguments)
+
+
+def _replay_inputs(call: ToolCall) -> dict[str, Any] | None:
+    """What a replay of the decision needs besides the record's user, tenant, agent and chain."""
+    p = call.principal
+    if p is None:
+        return None
+    out: dict[str, Any] = {
+        "issuer": p.issuer,
+        "groups": sorted(p.groups),
+        "roles": sorted(p.roles),
+        "scopes": sorted(p.scopes),
+        "has_email": p.email is not None,
+        "tainted": call.session_tainted,
+    }
+    if call.skill is not None:
+        out["skill"] = call.skill
+    if (verdict := call.policy_verdict) is not None:
+        out["policy"] = {"effect": verdict.effect, "policy_ids": verdict.policy_ids}
+    return out
+
+
+def _decision_json(call: ToolCall, decision: Decision) -> dict[str, Any]:
+    """The record's `decision`, with the shadow set's disagreement (`shadow`) when there is one."""
+    out = decision.to_json()
+    if call.shadow is not None:
+        out["shadow"] = call.shadow
+    return out
 
 
 def _pii(call: ToolCall) -> dict[str, Any]:

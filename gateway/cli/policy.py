@@ -1,4 +1,4 @@
-"""`bastion policy validate|test` and `bastion explain`: policy authoring from the command line.
+"""`bastion policy validate|test|replay` and `bastion explain`: policy authoring from the command line.
 
 `validate` and `test` work offline on the files. `explain` builds the gateway from a config the
 way `serve` does (issuers, upstream tool discovery, policy, stages) and runs one request through
@@ -23,6 +23,7 @@ from gateway.config import Config
 from gateway.errors import AuthError, ConfigError
 from gateway.policy.cases import CaseError, find_schema, run_paths
 from gateway.policy.engine import RESOURCE_TYPES, PolicyEngine
+from gateway.stages.policy import shadow_kind
 from gateway.upstreams.agents import message_schemas
 
 __all__ = ["explain", "register"]
@@ -41,6 +42,29 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "types context.args as the upstreams' tools would",
     )
     v.set_defaults(func=cmd_validate)
+
+    r = pol.add_parser(
+        "replay", parents=[common], help="what a candidate policy set would have decided on recorded calls"
+    )
+    r.add_argument("--candidate", required=True, metavar="DIR", help="the candidate policy directory")
+    r.add_argument("--since", help="records at or after this ISO 8601 time")
+    r.add_argument("--until", help="records before this ISO 8601 time")
+    r.add_argument("--user", help="only this user's records (as the audit names them)")
+    r.add_argument("--tool", help="only records of this tool (the record's `tool`)")
+    r.add_argument("--limit", type=int, help="at most this many records")
+    r.add_argument(
+        "--tools",
+        help="YAML/JSON `tools:` mapping UPSTREAM/TOOL -> {input_schema} typing context.args "
+        "(default: typed from the recorded arguments)",
+    )
+    r.add_argument("-o", "--output", metavar="FILE", help="write the report: FILE.html, or JSON otherwise")
+    r.add_argument(
+        "--fail-on",
+        action="append",
+        choices=["newly-allowed", "newly-denied", "changed-obligation", "indeterminate"],
+        help="exit 1 when any record is of this kind (repeatable; for CI)",
+    )
+    r.set_defaults(func=cmd_replay)
 
     t = pol.add_parser("test", parents=[common], help="run policy test cases (YAML)")
     t.add_argument(
@@ -117,6 +141,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: policy set {engine.version} in {policy.dir} ({len(engine.policies)} policies)")
     return 0
+
+
+# replay -----------------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gateway.cli import replay
+
+    tools = _tool_schemas(args.tools) if args.tools else None
+    try:
+        return replay.cmd_replay(args, _config(args.config), tools)
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 1
 
 
 # test -------------------------------------------------------------------------------------------
@@ -217,7 +255,8 @@ async def explain(
     `message`). `decision` is what the pipeline answers (the stage that decided included);
     `policy` is the policy stage's own verdict with each deciding policy, its source and
     obligation, so an obligation the pipeline cannot honour yet is still visible; `listed` says
-    whether the matching listing shows the item to this caller.
+    whether the matching listing shows the item to this caller. With `policy.shadow`, `shadow` is
+    the shadow set's verdict on the same request (`kind`: how it differs from `policy`, or None).
     """
     from gateway.app import Gateway
 
@@ -245,6 +284,8 @@ async def explain(
             out["principal"] = None
             out["decision"] = Decision.deny("identity", "unauthenticated", exc.message).to_json()
             out["policy"] = None
+            if gw.shadow is not None:
+                out["shadow"] = None
             out["errors"] = [f"identity: {exc.message}"]
             return out
         out["principal"] = _principal_json(principal)
@@ -273,6 +314,14 @@ async def explain(
                 }
             ),
         }
+        if gw.shadow is not None:
+            seen = gw.shadow.decide(principal, action, upstream, tool, args, settings, skill=skill)
+            out["shadow"] = {
+                "effect": seen.effect,
+                "policies": _policies_json(seen, gw.shadow),
+                "policy_version": gw.shadow.version,
+                "kind": shadow_kind(verdict.effect, seen.effect),
+            }
         out["errors"] = [f"{r.policy}: {r.reason}" for r in final.reasons if r.policy in _ERROR_POLICIES]
         if kind == "agent":
             return out  # nothing lists agents
@@ -311,6 +360,16 @@ def render(result: Mapping[str, Any]) -> str:
             note = f" @obligation({item['obligation']})" if item["obligation"] else ""
             lines.append(f"  - {kind}{item['id']}{note}: {item['reason'] or '(no @reason)'}{where}")
         lines.append(f"obligations: {', '.join(policy['obligations']) or 'none'}")
+    shadow = result.get("shadow")
+    if shadow is not None:
+        differs = f", disagrees: {shadow['kind']}" if shadow.get("kind") else ", agrees"
+        lines.append(
+            f"shadow:    {shadow['effect']} (shadow set {shadow['policy_version']}, never enforced{differs})"
+        )
+        for item in shadow["policies"]:
+            where = f"  [{item['source']}]" if item["source"] else ""
+            kind = f"{item['effect']} " if item["effect"] else ""
+            lines.append(f"  - {kind}{item['id']}: {item['reason'] or '(no @reason)'}{where}")
     lines.append(f"errors:    {'; '.join(result['errors']) or 'none'}")
     if "listed" in result:
         lines.append(

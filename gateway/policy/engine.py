@@ -56,6 +56,7 @@ __all__ = [
     "OBLIGATIONS",
     "REQUEST_ACTIONS",
     "RESOURCE_TYPES",
+    "UNKNOWN",
     "PolicyEngine",
     "PolicyInfo",
     "budget_context_type",
@@ -158,6 +159,61 @@ def _for_template(est: Mapping[str, Any], upstream: str, template: re.Pattern[st
 def _redact(message: str, policy_text: str) -> str:
     """Cedar quotes values in its errors (`the values `5000` and `1``): keep only policy text."""
     return _TICKED.sub(lambda m: m.group(0) if m.group(1) in policy_text else "`…`", message)
+
+
+UNKNOWN: Any = object()
+"""An argument value a record does not hold (`decide_recorded`): redacted, or only its shape kept."""
+
+
+def _unknown(name: str) -> dict[str, Any]:
+    return {"__extn": {"fn": "unknown", "arg": name}}
+
+
+def _split_unknown(
+    args: Mapping[str, Any], at: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
+    """`args` without its unknown leaves, and their paths; a list holding one is unknown whole."""
+    known: dict[str, Any] = {}
+    paths: list[tuple[str, ...]] = []
+    for k, v in args.items():
+        if v is UNKNOWN or (isinstance(v, list) and _holds_unknown(v)):
+            paths.append((*at, k))
+        elif isinstance(v, Mapping):
+            inner, more = _split_unknown(v, (*at, k))
+            known[k] = inner
+            paths += more
+        else:
+            known[k] = v
+    return known, paths
+
+
+def _holds_unknown(value: Any) -> bool:
+    if value is UNKNOWN:
+        return True
+    if isinstance(value, list):
+        return any(_holds_unknown(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_holds_unknown(v) for v in value.values())
+    return False
+
+
+def _put(record: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        record = record.setdefault(part, {})
+    record[path[-1]] = value
+
+
+def _unknowns_in(node: Any) -> Iterable[str]:
+    """The names of the unknowns a residual policy still depends on."""
+    if isinstance(node, dict):
+        marks = node.get("unknown")
+        if isinstance(marks, list):
+            yield from (m["Value"] for m in marks if isinstance(m, dict) and isinstance(m.get("Value"), str))
+        for v in node.values():
+            yield from _unknowns_in(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _unknowns_in(v)
 
 
 def _resource_id(rtype: str, upstream: str, name: str) -> str:
@@ -684,6 +740,82 @@ class PolicyEngine:
             if decision.effect != "deny":
                 return True, complete
         return False, complete and len(uris) < _URI_LIMIT
+
+    # Replay ----------------------------------------------------------------------------------
+
+    def decide_recorded(
+        self,
+        principal: Principal,
+        action: str,
+        upstream: str,
+        tool: str,
+        args: Mapping[str, Any],
+        settings: ToolSettings,
+        now: datetime,
+        pii: Iterable[str] = (),
+        budget: Mapping[str, Any] | None = None,
+        session_tainted: bool | None = None,
+        skill: str | None = None,
+        has_email: bool = True,
+    ) -> tuple[Decision | None, tuple[str, ...]]:
+        """Decide a recorded request where some inputs are not known: the leaves of `args` that
+        are `UNKNOWN`, the budget state (None), the session's taint (None) and always the
+        principal's e-mail address when it had one (the record never holds it). Cedar evaluates the rest
+        (partial evaluation); the answer is the decision when it does not depend on the unknowns,
+        else None and the unknowns it depends on. Never a guess."""
+        rtype = RESOURCE_TYPES.get(action)
+        if rtype is None:
+            return self._deny(Reason("policy-error", f"unknown action {action!r}")), ()
+        key = _resource_id(rtype, upstream, tool)
+        known, unknown = _split_unknown(args)
+        try:
+            clean = sanitize_args(known, self._arg_types.get(key) if rtype == "Tool" else None)
+        except ArgumentError as exc:
+            return self._deny(Reason("invalid-arguments", str(exc))), ()
+        for path in unknown:
+            _put(clean, path, _unknown("args." + ".".join(path)))
+        context = self._context(clean, principal, settings, self._local(now), pii, budget, False, skill)
+        if budget is None:
+            context["budget"] = _unknown("budget")
+        if session_tainted is None:
+            context["session"] = {"tainted": _unknown("session.tainted")}
+        else:
+            context["session"] = {"tainted": session_tainted}
+        attrs = _principal_attrs(principal)
+        if has_email:
+            attrs["email"] = _unknown("principal.email")
+        parents = [{"type": "Group", "id": g} for g in sorted(principal.groups)]
+        parents += [{"type": "Role", "id": r} for r in sorted(principal.roles)]
+        entities = [
+            {"uid": {"type": "User", "id": principal.id}, "attrs": attrs, "parents": parents},
+            {
+                "uid": {"type": rtype, "id": key},
+                "attrs": _resource_attrs(rtype, upstream, tool, settings),
+                "parents": [{"type": "Upstream", "id": upstream}] if rtype != "Agent" else [],
+            },
+            *_ACTION_ENTITIES,
+        ]
+        if self._base_entities is not None:
+            handle: Any = self._base_entities.with_added_json_str(json.dumps(entities))
+        else:
+            handle = entities
+        request = {
+            "principal": _uid_text("User", principal.id),
+            "action": _uid_text("Action", action),
+            "resource": _uid_text(rtype, key),
+            "context": context,
+        }
+        try:
+            result = cedarpy.is_authorized_partial(request, self._policy_set(action, upstream, tool), handle)
+        except Exception as exc:  # as `decide` does: what cannot be evaluated is an error, a deny
+            why = f"the request could not be evaluated ({type(exc).__name__})"
+            return self._deny(Reason("policy-error", why)), ()
+        pending = [p for p in result.diagnostics.nontrivial_residuals if p in self._by_id]
+        obliging = [p for p in pending if self._by_id[p].obligation and self._by_id[p].effect == "permit"]
+        if result.decision == cedarpy.Decision.NoDecision or obliging:
+            names = sorted({n for p in pending for n in _unknowns_in(result.residuals.get(p))})
+            return None, tuple(names) or ("an unknown value",)
+        return self._interpret(result, action, key), ()  # type: ignore[arg-type]
 
     def source_of(self, policy_id: str) -> str | None:
         """Where a policy is written (`file:line:col`), for explaining a decision."""

@@ -79,7 +79,8 @@ class PolicyWatcher:
 
     `load` reads the set as start-up did (with the upstream tool schemas and prompt arguments
     learned then, which type `context.args`); `install` receives each new engine and must swap it
-    in atomically.
+    in atomically. With `shadow`, the set watched is the shadow set (docs/policy.md, "Shadow
+    mode"): the same checks, its own metrics (`bastion_policy_shadow_reload*`) and log wording.
     """
 
     def __init__(
@@ -88,8 +89,16 @@ class PolicyWatcher:
         load: Callable[[], PolicyEngine],
         install: Callable[[PolicyEngine], None],
         active_version: Callable[[], str | None],
+        shadow: bool = False,
     ) -> None:
         self._cfg = cfg
+        self._shadow = shadow
+        self._what = "shadow policy" if shadow else "policy"
+        self._reloads, self._failures, self._refused = (
+            (metrics.SHADOW_RELOADS, metrics.SHADOW_RELOAD_FAILURES, metrics.SHADOW_RELOAD_REFUSED)
+            if shadow
+            else (metrics.POLICY_RELOADS, metrics.POLICY_RELOAD_FAILURES, metrics.POLICY_RELOAD_REFUSED)
+        )
         self._load = load
         self._install = install
         self._active_version = active_version
@@ -104,7 +113,8 @@ class PolicyWatcher:
     def start(self) -> None:
         """Begin watching from the files as they are now (the set just loaded at start-up)."""
         self._seen = snapshot(self._cfg)
-        self._task = asyncio.create_task(self._run(), name="bastion-policy-watch")
+        name = "bastion-shadow-watch" if self._shadow else "bastion-policy-watch"
+        self._task = asyncio.create_task(self._run(), name=name)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -122,7 +132,7 @@ class PolicyWatcher:
             try:
                 await self.check()
             except Exception:  # the watcher must outlive any one bad reload
-                log.exception("policy reload crashed; the active set keeps serving")
+                log.exception("%s reload crashed; the active set keeps serving", self._what)
 
     async def check(self) -> bool:
         """Reload if the files changed since the last look; True when a new set was installed."""
@@ -146,19 +156,24 @@ class PolicyWatcher:
             self.failures += 1
             self.error = exc.message
             self.error_at = time.time()
-            metrics.POLICY_RELOAD_FAILURES.inc()
-            metrics.POLICY_RELOAD_REFUSED.set(1)
-            log.error("policy reload refused; set %s keeps serving:\n%s", self._active_version(), exc.message)
+            self._failures.inc()
+            self._refused.set(1)
+            log.error(
+                "%s reload refused; set %s keeps serving:\n%s",
+                self._what,
+                self._active_version(),
+                exc.message,
+            )
             return False
         self.error = self.error_at = None
-        metrics.POLICY_RELOAD_REFUSED.set(0)
+        self._refused.set(0)
         for warning in engine.warnings:
-            log.warning("policy: %s", warning)
+            log.warning("%s: %s", self._what, warning)
         old = self._active_version()
         if engine.version == old:
             return False
         self._install(engine)
         self.reloads += 1
-        metrics.POLICY_RELOADS.inc()
-        log.info("policy set %s replaces %s (%d policies)", engine.version, old, len(engine.policies))
+        self._reloads.inc()
+        log.info("%s set %s replaces %s (%d policies)", self._what, engine.version, old, len(engine.policies))
         return True

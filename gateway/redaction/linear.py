@@ -24,14 +24,11 @@ import regex  # type: ignore[import-untyped]
 from presidio_analyzer import Pattern
 from presidio_analyzer.predefined_recognizers import EmailRecognizer, UrlRecognizer
 
+from gateway.redaction.patterns import EMAIL
 from gateway.redaction.secrets import RegexRecognizer, Validator
 
 __all__ = ["EMAIL", "email_recognizer", "url_recognizer"]
 
-EMAIL = (
-    r"(?:[!#$%&'*+\-/=?^_`{|}~\w]|[!#$%&'*+\-/=?^_`{|}~\w][!#$%&'*+\-/=?^_`{|}~.\w]{0,62}"
-    r"[!#$%&'*+\-/=?^_`{|}~\w])@(*SKIP)(?>\w+(?:-+\w+)*(?:\.\w+(?:-+\w+)*)+)\b"
-)
 _HOST = r"(?:[a-z0-9-]{1,63}\.){1,126}[a-z]{2,63}(?:/[^\s()<>\"']*+)?"
 
 
