@@ -8,7 +8,8 @@ compared with the recorded policy verdict:
 - unchanged / newly denied / newly allowed / changed obligation (both allow, with another
   obligation: transform or approval);
 - indeterminate: the candidate's decision depends on a value the record does not hold (an
-  argument kept only redacted or as its shape, the budget state, the caller's e-mail address).
+  argument kept only redacted or as its shape, the budget state of a call the budgets never
+  saw, the caller's e-mail address).
   Cedar's partial evaluation tells, never a guess;
 - not replayable: the policy never ran on the call (refused before it: credentials, pinning,
   a malformed message), or the record predates `replay`.
@@ -113,7 +114,7 @@ def replay_one(engine: PolicyEngine, cfg: Config, record: AuditRecord) -> Replay
     args = unknown_args(record.args_redacted)
     if not isinstance(args, dict):
         args = {}
-    budget: dict[str, Any] | None = None if cfg.budgets else {}  # no budgets: nothing unknown there
+    budget = _budget_before(record) if cfg.budgets else {}  # no budgets: nothing unknown there
     tainted, has_email = inputs.get("tainted"), bool(inputs.get("has_email", True))
     if budget is not None and isinstance(tainted, bool) and not has_email and not _holds(args):
         # everything Cedar saw is on record: a plain decision (cached entities, no partial evaluation)
@@ -148,6 +149,27 @@ def replay_one(engine: PolicyEngine, cfg: Config, record: AuditRecord) -> Replay
     if decision is None:
         return Replayed("indeterminate", before, None, (), f"depends on {', '.join(unknowns)}")
     return _compared(before, decision.effect, tuple(decision.policy_ids))
+
+
+def _budget_before(record: AuditRecord) -> dict[str, Any] | None:
+    """`context.budget` as it was before the call, from what the budget stage charged (each
+    counter's state after the charge, less its cost); None when the record cannot tell (the
+    budgets never ran, or one was exceeded and the others were not looked at)."""
+    spent = record.budget
+    if not isinstance(spent, dict) or spent.get("exceeded") is not None:
+        return None
+    view: dict[str, Any] = {}
+    for state in spent.get("charged") or []:
+        try:
+            used = int(state["used"]) - int(state["cost"])
+            limit = int(state["limit"])
+            name = str(state["budget"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        before = {"remaining": max(0, limit - used), "limit": limit, "used": used}
+        if name not in view or before["remaining"] < view[name]["remaining"]:
+            view[name] = before
+    return view
 
 
 def _holds(value: Any) -> bool:
