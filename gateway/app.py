@@ -222,7 +222,7 @@ class Gateway:
             approvals=self.approvals,
             calls=CallRegistry(self.state, cfg.idempotency, hmac_key, self.state_writer),
             pins=pins,
-            tasks=TaskOwners(self.state),
+            tasks=TaskOwners(self.state, self.state_writer),
             durability=cfg.audit.durability,
             arguments=cfg.audit.arguments,
         )

@@ -10,15 +10,20 @@ name the task, and `tasks/list` shows each caller only their own.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Column, Float, String, Table, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.sqlite_thread import SQLiteThread
 from gateway.state.db import metadata
 
+SWEEP_EVERY_S = 60.0
+"""How often expired bindings are deleted (an expired one in the way of a new task goes at once)."""
 DEFAULT_TTL_S = 24 * 3600.0
 MAX_TTL_S = 7 * 24 * 3600.0
 
@@ -45,10 +50,16 @@ class Task:
 
 
 class TaskOwners:
-    """Task ids bound to their creator; `principal` is a digest of the principal's key."""
+    """Task ids bound to their creator; `principal` is a digest of the principal's key.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    On SQLite the bindings are written by the state DB's writer thread, in its group commits (an
+    A2A message creates a task each time: through the connection pool, concurrent writers would
+    queue on SQLite's lock, some for seconds); expired bindings are swept once a minute."""
+
+    def __init__(self, engine: AsyncEngine, writer: SQLiteThread | None = None) -> None:
         self.engine = engine
+        self._writer = writer
+        self._next_sweep = 0.0
 
     async def own(
         self, upstream: str, task_id: str, principal: str, tool: str, audit_id: str, ttl_s: float | None
@@ -64,9 +75,16 @@ class TaskOwners:
             "audit_id": audit_id,
             "expires_at": now + keep,
         }
+        sweep = now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + SWEEP_EVERY_S
+        if self._writer is not None:
+            return await self._writer.run(lambda conn: _own_sqlite(conn, row, now, sweep))
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(delete(tasks_table).where(tasks_table.c.expires_at < now))
+                t = tasks_table.c
+                mine = (t.upstream == upstream) & (t.task_id == task_id) & (t.expires_at < now)
+                await conn.execute(delete(tasks_table).where(t.expires_at < now if sweep else mine))
                 await conn.execute(insert(tasks_table).values(**row))
         except IntegrityError:
             return False
@@ -98,3 +116,20 @@ class TaskOwners:
                 )
             )
             return {r.task_id for r in rows}
+
+
+def _own_sqlite(conn: sqlite3.Connection, row: dict[str, Any], now: float, sweep: bool) -> bool:
+    """`own` on the SQLite writer thread."""
+    if sweep:
+        conn.execute("DELETE FROM bastion_tasks WHERE expires_at < ?", (now,))
+    else:
+        conn.execute(
+            "DELETE FROM bastion_tasks WHERE upstream = ? AND task_id = ? AND expires_at < ?",
+            (row["upstream"], row["task_id"], now),
+        )
+    found = conn.execute(
+        "INSERT INTO bastion_tasks (upstream, task_id, principal, tool, audit_id, expires_at) "
+        "VALUES (:upstream, :task_id, :principal, :tool, :audit_id, :expires_at) ON CONFLICT DO NOTHING",
+        row,
+    )
+    return found.rowcount == 1
