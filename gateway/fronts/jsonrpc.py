@@ -127,7 +127,7 @@ def _path(trail: _Trail) -> str:
     return "".join(reversed(parts)).removeprefix(".") or "the message"
 
 
-def _method_problem(method: str) -> str | None:
+def method_problem(method: str) -> str | None:
     """Why `method` cannot be a JSON-RPC method here, without echoing what it holds; or None."""
     bad = _NOT_METHOD.search(method)
     if bad is not None:
@@ -150,7 +150,7 @@ def parse(body: bytes, max_depth: int = MAX_DEPTH) -> Message:
     if "method" in msg:
         if not isinstance(msg["method"], str):
             raise ProtocolError('"method" must be a string')
-        if (problem := _method_problem(msg["method"])) is not None:
+        if (problem := method_problem(msg["method"])) is not None:
             raise ProtocolError(problem)
         params = msg.get("params")
         if params is not None and not isinstance(params, dict):

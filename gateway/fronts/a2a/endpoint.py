@@ -344,8 +344,10 @@ def _request(doc: Any) -> tuple[str, Any, dict[str, Any]]:
     if not isinstance(doc, dict) or doc.get("jsonrpc") != "2.0":
         raise ProtocolError('the body must be one JSON-RPC 2.0 request ("jsonrpc": "2.0")')
     method, msg_id, params = doc.get("method"), doc.get("id"), doc.get("params", {})
-    if not isinstance(method, str) or not 0 < len(method) <= jsonrpc.MAX_METHOD:
-        raise ProtocolError("method must be a string of 1-128 characters")
+    if not isinstance(method, str):
+        raise ProtocolError("method must be a string")
+    if (problem := jsonrpc.method_problem(method)) is not None:  # it goes into the audit and logs
+        raise ProtocolError(problem, jsonrpc.METHOD_NOT_FOUND)
     if msg_id is None or isinstance(msg_id, bool) or not isinstance(msg_id, str | int):
         raise ProtocolError("id must be a string or an integer (notifications are not relayed)")
     if not isinstance(params, dict):

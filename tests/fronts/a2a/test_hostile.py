@@ -75,10 +75,13 @@ async def test_an_unknown_agent_is_not_found(env: A2AEnv, http: httpx.AsyncClien
 async def test_malformed_requests_are_refused_before_anything_is_sent(
     env: A2AEnv, http: httpx.AsyncClient, body: bytes, expected: str
 ) -> None:
-    headers = _auth(env) | {"content-type": "application/json"}
+    user = f"malformed-{uuid.uuid4().hex[:8]}"
+    headers = _auth(env, user) | {"content-type": "application/json"}
     resp = await http.post(env.url("echo"), content=body, headers=headers)
     assert expected in resp.json()["error"]["message"]
     assert env.agents["echo"].seen == []
+    [record] = await env.records(protocol="a2a", user=user)  # refused, and on record
+    assert record.decision["policy_ids"] == ["malformed-message"]
 
 
 async def test_a_body_over_the_limit_is_refused(env: A2AEnv, http: httpx.AsyncClient) -> None:
