@@ -146,6 +146,9 @@ class A2AFront:
                 return await self._send(agent, principal, base, doc, body, params, headers, kind == "stream")
             return await self._task(agent, principal, base, doc, body, params, headers)
         except BastionError as err:  # a body too big or too slow keeps its HTTP status; the rest is JSON-RPC
+            if isinstance(err, ProtocolError | PayloadTooLarge | BodyTimeout):  # refused before the pipeline
+                refused = ToolCall(name, "message", {}, protocol="a2a", action="message", principal=principal)
+                await self.pipeline.refuse(refused, "a2a", "malformed-message", err.message[:500])
             status = (
                 err.http_status if isinstance(err, PayloadTooLarge | BodyTimeout | TooManyRefusals) else 200
             )
