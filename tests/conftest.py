@@ -21,6 +21,8 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from audit.record import AuditRecord
+from audit.store import AuditStore
 from gateway import config as config_mod
 from gateway.app import Gateway, bind, build_app, server_for
 from gateway.config import Config
@@ -255,3 +257,14 @@ def pytest_report_header(config: pytest.Config) -> str:
     node = shutil.which("node")
     pg_state = f"ON ({pg})" if pg else "OFF (set BASTION_TEST_PG)"
     return f"bastion: PostgreSQL tests {pg_state}; node {node or 'absent'}"
+
+
+async def audit_records(url: str, **where: Any) -> list[AuditRecord]:
+    """The records of the audit store at `url` whose fields equal `where` (a call's record is
+    durable before its answer, so what a test just did is there)."""
+    store = await AuditStore.open(url)
+    try:
+        found = [r async for r in store.iter_records()]
+    finally:
+        await store.close()
+    return [r for r in found if all(getattr(r, k) == v for k, v in where.items())]

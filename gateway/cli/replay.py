@@ -116,22 +116,6 @@ def replay_one(engine: PolicyEngine, cfg: Config, record: AuditRecord) -> Replay
         args = {}
     budget = _budget_before(record) if cfg.budgets else {}  # no budgets: nothing unknown there
     tainted, has_email = inputs.get("tainted"), bool(inputs.get("has_email", True))
-    if budget is not None and isinstance(tainted, bool) and not has_email and not _holds(args):
-        # everything Cedar saw is on record: a plain decision (cached entities, no partial evaluation)
-        found = engine.decide(
-            principal,
-            record.action,
-            record.upstream,
-            record.tool,
-            args,
-            settings,
-            record.ts,
-            pii=(record.pii.get("input") or {}).keys(),
-            budget=budget,
-            session_tainted=tainted,
-            skill=inputs.get("skill"),
-        )
-        return _compared(before, found.effect, tuple(found.policy_ids))
     decision, unknowns = engine.decide_recorded(
         principal,
         record.action,
@@ -170,17 +154,6 @@ def _budget_before(record: AuditRecord) -> dict[str, Any] | None:
         if name not in view or before["remaining"] < view[name]["remaining"]:
             view[name] = before
     return view
-
-
-def _holds(value: Any) -> bool:
-    """Whether an unknown is somewhere in `value`."""
-    if value is UNKNOWN:
-        return True
-    if isinstance(value, dict):
-        return any(_holds(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_holds(v) for v in value)
-    return False
 
 
 def _compared(before: str, after: Effect, ids: tuple[str, ...]) -> Replayed:

@@ -763,11 +763,17 @@ class PolicyEngine:
         principal's e-mail address when it had one (the record never holds it). Cedar evaluates the rest
         (partial evaluation); the answer is the decision when it does not depend on the unknowns,
         else None and the unknowns it depends on. Never a guess."""
+        known, unknown = _split_unknown(args)
+        if not unknown and budget is not None and session_tainted is not None and not has_email:
+            # everything Cedar would see is known: a plain decision (cached entities and sets)
+            decided = self.decide(
+                principal, action, upstream, tool, args, settings, now, pii, budget, session_tainted, skill
+            )
+            return decided, ()
         rtype = RESOURCE_TYPES.get(action)
         if rtype is None:
             return self._deny(Reason("policy-error", f"unknown action {action!r}")), ()
         key = _resource_id(rtype, upstream, tool)
-        known, unknown = _split_unknown(args)
         try:
             clean = sanitize_args(known, self._arg_types.get(key) if rtype == "Tool" else None)
         except ArgumentError as exc:

@@ -28,11 +28,10 @@ from typing import Any
 import pytest
 
 from audit.record import AuditRecord
-from audit.store import AuditStore
 from gateway.app import Gateway
 from gateway.identity.devkeys import DevKey, ensure_dev_key
 from tests.a2a_agents import Agent, echo, leaky, relay, running_agent, slow
-from tests.conftest import POLICIES, dead_url, free_port, make_config, running_gateway
+from tests.conftest import POLICIES, audit_records, dead_url, free_port, make_config, running_gateway
 
 AGENT_POLICIES = """
 @id("agents-for-analysts")
@@ -78,13 +77,7 @@ class A2AEnv:
         return f"{self.base}/a2a/{agent}"
 
     async def records(self, **where: Any) -> list[AuditRecord]:
-        """Audit records whose fields equal `where` (a message's record is durable before its answer)."""
-        store = await AuditStore.open(self.gw.cfg.audit.url)
-        try:
-            found = [r async for r in store.iter_records()]
-        finally:
-            await store.close()
-        return [r for r in found if all(getattr(r, k) == v for k, v in where.items())]
+        return await audit_records(self.gw.cfg.audit.url, **where)
 
 
 @pytest.fixture(scope="session")

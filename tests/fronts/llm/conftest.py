@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 
 from audit.record import AuditRecord
-from audit.store import AuditStore
 from gateway.app import Gateway
 from gateway.identity.devkeys import DevKey, ensure_dev_key
-from tests.conftest import POLICIES, dead_url, free_port, make_config, running_gateway
+from tests.conftest import POLICIES, audit_records, dead_url, free_port, make_config, running_gateway
 from tests.llm_provider import MODEL_TOOL_POLICIES, ProviderDouble, running_provider
 
 PROVIDER_KEY = "sk-bastion-own-provider-key"
@@ -58,13 +57,7 @@ class LLMEnv:
         return openai.AsyncOpenAI(base_url=f"{self.base}/llm/openai/v1", api_key=token or self.token(), **kw)
 
     async def records(self, **where: Any) -> list[AuditRecord]:
-        """Audit records whose fields equal `where` (a call's record is durable before its answer)."""
-        store = await AuditStore.open(self.gw.cfg.audit.url)
-        try:
-            found = [r async for r in store.iter_records()]
-        finally:
-            await store.close()
-        return [r for r in found if all(getattr(r, k) == v for k, v in where.items())]
+        return await audit_records(self.gw.cfg.audit.url, **where)
 
 
 @pytest.fixture(scope="session")
