@@ -49,6 +49,7 @@ import httpx
 from bench import processes
 from bench.harness import git_revision, machine
 from bench.load import LoadResult
+from bench.report import replace_section
 from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -464,16 +465,8 @@ def render(r: A2ARun) -> str:
 
 
 def write(path: Path, section: str) -> None:
-    """Replace this benchmark's section in `path` (appended under `HEADING` the first time),
-    keeping everything around it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n" + section
-    path.write_text(text)
+    """Replace this benchmark's section in `path` (appended under `HEADING` the first time)."""
+    replace_section(path, section, BEGIN, END, HEADING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from bench.llm_provider import ALLOWED, DENIED, STREAM_DELAY_S, TEXT
 from bench.load import LoadResult
 from bench.profile import markdown as profile_markdown
 from bench.profile import summarize
+from bench.report import replace_section
 from gateway.identity.devkeys import DEV_ISSUER, ensure_dev_key
 from tests.llm_provider import MODEL_TOOL_POLICIES
 
@@ -620,16 +621,8 @@ def render(r: LLMRun) -> str:
 
 
 def write(path: Path, section: str) -> None:
-    """Replace this benchmark's section in `path` (appended under `HEADING` the first time),
-    keeping everything around it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n" + section
-    path.write_text(text)
+    """Replace this benchmark's section in `path` (appended under `HEADING` the first time)."""
+    replace_section(path, section, BEGIN, END, HEADING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -344,11 +344,17 @@ What Bastion costs on top of a direct call to the same MCP server, measured by `
 
 def write(path: Path, section: str) -> None:
     """Replace the generated section in `path`, keeping everything around it."""
+    replace_section(path, section, BEGIN, END)
+
+
+def replace_section(path: Path, section: str, begin: str, end: str, heading: str | None = None) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) in place of the one in `path`,
+    keeping everything around it; the first time, append it (under `heading`, if given)."""
     text = path.read_text() if path.exists() else HEADER
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + section.rstrip("\n") + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "") + section
     path.write_text(text)
