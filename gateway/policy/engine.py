@@ -379,6 +379,7 @@ class PolicyEngine:
         name: str,
         settings: ToolSettings,
         template: bool = False,
+        email_unknown: bool = False,
     ) -> cedarpy.Entities:
         """The principal and the resource as a parsed Cedar handle, cached per (user, resource).
 
@@ -397,6 +398,7 @@ class PolicyEngine:
             settings.risk if rtype == "Tool" else None,
             tuple(settings.tags) if rtype == "Tool" else None,
             template,
+            email_unknown,
         )
         found = self._entities.get(key)
         if found is not None:
@@ -404,10 +406,13 @@ class PolicyEngine:
         attrs = _resource_attrs(rtype, upstream, name, settings)
         if template:
             attrs["uri"] = UNKNOWN_URI
+        person = _principal_attrs(principal)
+        if email_unknown:  # a replayed record holds no address (`decide_recorded`)
+            person["email"] = _unknown("principal.email")
         doc = [
             {
                 "uid": {"type": "User", "id": principal.id},
-                "attrs": _principal_attrs(principal),
+                "attrs": person,
                 "parents": [{"type": "Group", "id": g} for g in sorted(principal.groups)]
                 + [{"type": "Role", "id": r} for r in sorted(principal.roles)],
             },
@@ -787,24 +792,7 @@ class PolicyEngine:
             context["session"] = {"tainted": _unknown("session.tainted")}
         else:
             context["session"] = {"tainted": session_tainted}
-        attrs = _principal_attrs(principal)
-        if has_email:
-            attrs["email"] = _unknown("principal.email")
-        parents = [{"type": "Group", "id": g} for g in sorted(principal.groups)]
-        parents += [{"type": "Role", "id": r} for r in sorted(principal.roles)]
-        entities = [
-            {"uid": {"type": "User", "id": principal.id}, "attrs": attrs, "parents": parents},
-            {
-                "uid": {"type": rtype, "id": key},
-                "attrs": _resource_attrs(rtype, upstream, tool, settings),
-                "parents": [{"type": "Upstream", "id": upstream}] if rtype != "Agent" else [],
-            },
-            *_ACTION_ENTITIES,
-        ]
-        if self._base_entities is not None:
-            handle: Any = self._base_entities.with_added_json_str(json.dumps(entities))
-        else:
-            handle = entities
+        handle = self._entities_for(principal, rtype, upstream, tool, settings, email_unknown=has_email)
         request = {
             "principal": _uid_text("User", principal.id),
             "action": _uid_text("Action", action),
