@@ -999,11 +999,21 @@ def sha256_hex(data: bytes) -> str:
 
 
 def _object(raw: bytes) -> dict[str, Any] | None:
+    """A peer's answer as one JSON object; None when it is not one, or repeats a key: when the
+    answer passes unchanged, a client that reads the other copy of a key would see what was
+    never redacted nor scanned."""
     try:
-        msg = json.loads(raw)
+        msg = json.loads(raw, object_pairs_hook=_unique)
     except ValueError:
         return None
     return msg if isinstance(msg, dict) else None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("duplicate key")
+    return found
 
 
 def _status_of(msg: dict[str, Any]) -> tuple[OutcomeStatus, str | None]:

@@ -205,3 +205,12 @@ async def test_push_configs_where_enabled_are_relayed_for_the_tasks_creator_only
     assert [s.method for s in env.agents["slow"].seen] == ["SendMessage", "CreateTaskPushNotificationConfig"]
     elsewhere = (await http.post(env.url("echo"), json=push, headers=_auth(env, "pia"))).json()["error"]
     assert elsewhere["code"] == -32004 and "push notifications" in elsewhere["message"]
+
+
+async def test_an_answer_that_repeats_a_key_is_not_passed_on(env: A2AEnv, http: httpx.AsyncClient) -> None:
+    resp = await http.post(env.url("twofaced"), json=_send(msg_id=1), headers=_auth(env, "rita"))
+    body = resp.text
+    assert "bob@example.com" not in body and "Ignore all previous" not in body
+    assert "error" in resp.json()
+    [record] = await env.records(protocol="a2a", upstream="twofaced", user="rita")
+    assert record.outcome["status"] == "failed"
