@@ -46,7 +46,8 @@ def register(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
     resolve: Resolve,
-) -> None:
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """Add `bastion audit ...`; returns its subcommands, for the gateway's own (`audit sinks`)."""
     store_opts = argparse.ArgumentParser(add_help=False)
     store_opts.add_argument("--url", help="audit store URL (default: audit.url from the config)")
     parents = [common, store_opts]
@@ -55,7 +56,7 @@ def register(
     )
 
     e = a.add_parser("export", parents=parents, help="export audit records (streamed)")
-    e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "ocsf"])
+    e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "ocsf", "cef"])
     e.add_argument("-o", "--output", help="file to write (default: stdout)")
     _period(e)
     e.add_argument("--user")
@@ -96,6 +97,7 @@ def register(
 
     m = a.add_parser("migrate", parents=parents, help="upgrade the audit store's schema")
     m.set_defaults(func=lambda args: _migrate(args, resolve(args.config)))
+    return a
 
 
 def _period(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """Compliance export of the audit trail, streamed so the size of the store does not matter.
 
 Formats: `jsonl` (the stored records, byte for byte what was hashed), `csv` (one flat row per
-record, for spreadsheets) and `ocsf` (one OCSF 1.3 API Activity event per line, for a SIEM).
+record, for spreadsheets), `ocsf` (one OCSF 1.3 API Activity event per line, for a SIEM) and
+`cef` (one ArcSight CEF line per record). The audit sinks stream the same formats.
 Records are read in pages by key, so memory stays flat whatever the number of records.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, TextIO, Unpack
 from audit.record import parse_ts
 from audit.store import AuditStore, RecordFilters
 
-FORMATS = ("jsonl", "csv", "ocsf")
+FORMATS = ("jsonl", "csv", "ocsf", "cef")
 OCSF_VERSION = "1.3.0"
 
 CSV_COLUMNS = (
@@ -73,7 +74,20 @@ async def export_ocsf(
     return n
 
 
-_EXPORTERS = {"jsonl": export_jsonl, "csv": export_csv, "ocsf": export_ocsf}
+async def export_cef(
+    store: AuditStore, out: TextIO, progress: Progress | None = None, **filters: Unpack[RecordFilters]
+) -> int:
+    n = 0
+    async for text in store.iter_raw(**filters):
+        out.write(cef_line(json.loads(text)))
+        out.write("\n")
+        n += 1
+        if progress is not None:
+            progress(n)
+    return n
+
+
+_EXPORTERS = {"jsonl": export_jsonl, "csv": export_csv, "ocsf": export_ocsf, "cef": export_cef}
 
 
 def csv_row(doc: dict[str, Any]) -> list[Any]:
@@ -216,6 +230,86 @@ def ocsf_event(doc: dict[str, Any]) -> dict[str, Any]:
         },
     }
     return event
+
+
+CEF_VENDOR, CEF_PRODUCT = "Bastion", "Bastion"
+_CEF_SEVERITY = {"deny": 7, "approval_required": 5}
+_CEF_FIELD_MAX = 1023
+"""Longest value written for one CEF field (a caller-chosen tool name or reason could be huge)."""
+
+
+def _cef_header(value: object) -> str:
+    text = str(value)[:_CEF_FIELD_MAX]
+    return _control_escaped(text.replace("\\", "\\\\").replace("|", "\\|"))
+
+
+def _cef_value(value: object) -> str:
+    text = str(value)[:_CEF_FIELD_MAX]
+    return _control_escaped(text.replace("\\", "\\\\").replace("=", "\\="))
+
+
+def _control_escaped(text: str) -> str:
+    """CEF has escapes for line breaks only: other control characters become `\\uXXXX` text,
+    so no value can start a new line, frame or field at the receiver."""
+    if text.isprintable():
+        return text
+    return "".join(
+        "\\n" if c == "\n" else "\\r" if c == "\r" else c if c.isprintable() else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
+def cef_line(doc: dict[str, Any]) -> str:
+    """One record as an ArcSight CEF (rev. 25) line: a summary with the chain position and hash
+    (`cn1` seq, `cs2` hash, `cs3` prevHash, `deviceExternalId` instance). The full record
+    (arguments, budget, PII counts) is in the jsonl and ocsf formats."""
+    decision = doc.get("decision") or {}
+    outcome = doc.get("outcome") or {}
+    effect = str(decision.get("effect"))
+    status = str(outcome.get("status"))
+    action = str(doc.get("action") or "call_tool")
+    severity = _CEF_SEVERITY.get(effect, 5 if status in _FAILED else 3)
+    reasons = "; ".join(
+        f"{r.get('policy')}: {r.get('reason')}" for r in decision.get("reasons") or [] if isinstance(r, dict)
+    )
+    target = f"{doc.get('upstream')}/{doc.get('tool')}"
+    header = [
+        "CEF:0", CEF_VENDOR, CEF_PRODUCT, str(doc.get("schema_version")), f"{action}:{effect}",
+        f"{action} {target} {effect}", str(severity),
+    ]  # fmt: skip
+    ext: list[tuple[str, object]] = [
+        ("rt", int(parse_ts(str(doc["ts"])).timestamp() * 1000)),
+        ("externalId", doc.get("id")),
+        ("deviceExternalId", doc.get("instance")),
+        ("cn1Label", "seq"),
+        ("cn1", doc.get("seq")),
+        ("cs2Label", "hash"),
+        ("cs2", doc.get("hash")),
+        ("cs3Label", "prevHash"),
+        ("cs3", doc.get("prev_hash")),
+        ("suser", doc.get("user")),
+        ("cs1Label", "tenant"),
+        ("cs1", doc.get("tenant")),
+        ("cs6Label", "agent"),
+        ("cs6", doc.get("agent")),
+        ("app", doc.get("protocol")),
+        ("destinationServiceName", doc.get("upstream")),
+        ("flexString2Label", "tool"),
+        ("flexString2", doc.get("tool")),
+        ("act", effect),
+        ("outcome", status),
+        ("reason", reasons or outcome.get("error")),
+        ("cs4Label", "policyIds"),
+        ("cs4", ",".join(str(p) for p in decision.get("policy_ids") or [])),
+        ("cs5Label", "callId"),
+        ("cs5", doc.get("call_id")),
+        ("flexString1Label", "traceId"),
+        ("flexString1", doc.get("trace_id")),
+        ("cn2Label", "latencyMs"),
+        ("cn2", outcome.get("latency_ms")),
+    ]
+    fields = " ".join(f"{k}={_cef_value(v)}" for k, v in ext if v not in (None, ""))
+    return "|".join(_cef_header(h) for h in header) + "|" + fields
 
 
 class ProgressBar:

@@ -521,6 +521,35 @@ class AuditStore:
                 return
             last = int(rows[-1].seq)
 
+    async def chained_after(self, instance: str, seq: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, stored text) of `instance`'s chained records after `seq`, in order, at most
+        `limit`: what an audit sink delivers next. One query on the (instance, seq) index."""
+        t = audit_records.c
+        query = (
+            select(t.seq, t.record)
+            .where(t.instance == instance, t.seq > seq)
+            .order_by(t.seq)
+            .limit(limit)
+        )
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except _DB_ERRORS as exc:
+            raise self._error("reading the chain", exc) from exc
+        return [(int(r.seq), r.record) for r in rows]
+
+    async def last_seq(self, instance: str) -> int:
+        """The seq of `instance`'s newest chained record (0: none)."""
+        t = audit_records.c
+        try:
+            async with self.engine.connect() as conn:
+                value = (
+                    await conn.execute(select(func.max(t.seq)).where(t.instance == instance))
+                ).scalar_one_or_none()
+        except _DB_ERRORS as exc:
+            raise self._error("reading the chain head", exc) from exc
+        return int(value or 0)
+
     async def unchained(self, limit: int = 100) -> tuple[list[tuple[str, str, str | None, int]], int]:
         """Final rows outside every chain, (id, instance, status, schema_version) of the first
         `limit`, and how many rows are pending."""

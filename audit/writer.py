@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -102,6 +103,8 @@ class AuditWriter:
         self._cp_seq: dict[str, int] = {}
         self._cp_time: dict[str, float] = {}
         self._work = asyncio.Event()
+        self.listeners: list[Callable[[], None]] = []
+        """Called after every commit (the audit sinks wake up: new records may be chained)."""
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -305,6 +308,8 @@ class AuditWriter:
                 self._pending.pop(item.audit_id, None)
         self.written += len(items) - len(unknown)
         self.batches += 1
+        for listener in self.listeners:
+            listener()
         missing = {id(i) for i in unknown}
         for item in items:
             if item.fut is not None and not item.fut.done():

@@ -48,6 +48,7 @@ from gateway.keyfiles import load_or_create_secret
 from gateway.pipeline import Pipeline, stages_in_order
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.reload import PolicyWatcher
+from gateway.sinks.delivery import Sinks
 from gateway.stages.budget import BudgetStage
 from gateway.stages.pinning import PinningStage
 from gateway.stages.policy import SHADOW_KINDS, PolicyStage
@@ -56,6 +57,7 @@ from gateway.state.approvals import Approvals
 from gateway.state.db import open_state, sqlite_writer
 from gateway.state.idempotency import CallRegistry
 from gateway.state.pins import ToolPins
+from gateway.state.sink_cursors import SinkCursors
 from gateway.state.tasks import TaskOwners
 from gateway.upstreams.agents import AgentClient, message_schemas
 from gateway.upstreams.base import Upstream
@@ -119,6 +121,8 @@ class Gateway:
         self.state_writer: SQLiteThread | None = None
         self.pins: ToolPins | None = None
         self.approvals: Approvals | None = None
+        self.sinks: Sinks | None = None
+        """The audit sinks' delivery workers (`audit.sinks`), reading the trail after their cursors."""
         self.discovered_tools: dict[str, list[dict[str, Any]]] = {}
         """Each upstream's tool definitions as listed at start-up (pinned once the state DB is open)."""
         self._rechecked: dict[str, tuple[float, bool]] = {}
@@ -191,6 +195,10 @@ class Gateway:
         self.state = await open_state(cfg.state.url)
         self.auth.api_keys.use(self.state)
         self.state_writer = await sqlite_writer(self.state)
+        if cfg.audit.sinks:
+            self.sinks = Sinks(cfg.audit.sinks, self.store, SinkCursors(self.state, instance), instance)
+            self.writer.listeners.append(self.sinks.wake)
+            self.sinks.start()
         ids = self.auth.identities
         budgets = BudgetStage(cfg.budgets, self.state, self.state_writer, ids) if cfg.budgets else None
         view = budgets.view if budgets else None  # context.budget, read only when a policy uses it
@@ -273,6 +281,8 @@ class Gateway:
             await self.approvals.aclose()
         if self.writer is not None:
             await self.writer.close()
+        if self.sinks is not None:
+            await self.sinks.aclose()
         if self.store is not None:
             await self.store.close()
         await self.auth.aclose()

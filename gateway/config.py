@@ -329,6 +329,87 @@ def _has_auth_header(headers: dict[str, str]) -> bool:
     return any(k.lower() == "authorization" for k in headers)
 
 
+class _SinkBase(_Strict):
+    """What every audit sink shares: delivery reads the durable trail after the sink's cursor."""
+
+    name: str = Field(pattern=_NAME)
+    batch_max: int = Field(500, gt=0, le=10_000)
+    """Records per delivery: one HTTP request, one burst of syslog frames, one file append."""
+    max_lag_records: int = Field(100_000, gt=0)
+    """The backlog alarm: past this many undelivered records, the sink is reported `backlog`
+    (log, `/readyz`, `bastion_audit_sink_backlog` 1). Nothing is dropped: the trail is the buffer."""
+    backoff_max_s: float = Field(60, gt=0, le=3600)
+    """Retries back off exponentially from 0.5 s up to this."""
+    lease_s: float = Field(30, gt=0, le=3600)
+    """How long a replica's claim on an instance chain lasts without renewal; after that another
+    replica takes the chain over (it resumes at the cursor)."""
+    timeout_s: float = Field(10, gt=0, le=300)
+    """A delivery not confirmed within this fails and is retried."""
+
+
+class HttpSinkConfig(_SinkBase):
+    type: Literal["http"]
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    format: Literal["splunk-hec", "ocsf", "cef", "jsonl"] = "ocsf"
+    """`splunk-hec`: Splunk HTTP Event Collector events (`event` = the record); the others: one
+    event per line (`application/x-ndjson`; `text/plain` for cef)."""
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Environment variable holding the token, sent as `Authorization: Splunk <token>` for
+    splunk-hec and `Bearer <token>` otherwise. Read at start-up; never logged."""
+    ca_file: Path | None = None
+    """CA bundle to verify an https receiver (default: the system's)."""
+
+
+class SyslogSinkConfig(_SinkBase):
+    type: Literal["syslog"]
+    address: str
+    """`tcp://host:port` or `tls://host:port` (RFC 5424 messages, octet-counting framing)."""
+    format: Literal["ocsf", "cef", "jsonl"] = "cef"
+    facility: int = Field(13, ge=0, le=23)
+    """Syslog facility (13: log audit)."""
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    """Client certificate for receivers that require one (with key_file)."""
+    key_file: Path | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        scheme = v.partition("://")[0].lower() if "://" in v else ""
+        if scheme == "udp":
+            raise ValueError(
+                "syslog over UDP is refused for the audit trail: it drops records without telling "
+                "anyone; use tcp://host:port or tls://host:port"
+            )
+        if scheme not in ("tcp", "tls") or not re.fullmatch(
+            r"[a-z]+://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}", v
+        ):
+            raise ValueError(f"expected tcp://host:port or tls://host:port, got {v[:100]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> SyslogSinkConfig:
+        tls = self.address.lower().startswith("tls://")
+        if not tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ValueError("ca_file, cert_file and key_file need a tls:// address")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class FileSinkConfig(_SinkBase):
+    type: Literal["file"]
+    path: Path
+    format: Literal["ocsf", "cef", "jsonl"] = "jsonl"
+    max_bytes: int = Field(100 * 2**20, ge=4096)
+    """Rotate when the file would grow past this: `path` becomes `path.1`, `path.1` `path.2`, ..."""
+    backups: int = Field(5, ge=0, le=1000)
+    """Rotated files kept; older ones are deleted."""
+
+
+SinkConfig = Annotated[HttpSinkConfig | SyslogSinkConfig | FileSinkConfig, Field(discriminator="type")]
+
+
 class AuditConfig(_Strict):
     url: str = "sqlite+aiosqlite:///./bastion-audit.db"
     hmac_key_file: Path | None = None
@@ -359,6 +440,16 @@ class AuditConfig(_Strict):
     """... or after this many seconds with new records, whichever comes first."""
     retention_days: int | None = Field(None, gt=0)
     """`bastion audit purge` deletes records older than this; None keeps them all."""
+    sinks: list[SinkConfig] = []
+    """Where the trail is streamed as it is written (SIEM, syslog, a file); see docs/audit.md."""
+
+    @field_validator("sinks")
+    @classmethod
+    def _sink_names(cls, v: list[Any]) -> list[Any]:
+        names = [s.name for s in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"sink names must be unique: {', '.join(dupes)}")
+        return v
 
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
@@ -836,6 +927,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                 update={
                     "hmac_key_file": rel(cfg.audit.hmac_key_file),
                     "signing_key_file": rel(cfg.audit.signing_key_file),
+                    "sinks": [_sink_paths(sink, rel) for sink in cfg.audit.sinks],
                 }
             ),
             "sessions": cfg.sessions.model_copy(update={"secret_file": rel(cfg.sessions.secret_file)}),
@@ -867,6 +959,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             "a2a": cfg.a2a.model_copy(update={"delegation_key_file": rel(cfg.a2a.delegation_key_file)}),
         }
     )
+
+
+def _sink_paths(sink: Any, rel: Any) -> Any:
+    fields = ("ca_file", "cert_file", "key_file", "path")
+    return sink.model_copy(update={f: rel(getattr(sink, f)) for f in fields if hasattr(sink, f)})
 
 
 def _cred(cred: LLMCredential | None, rel: Any) -> LLMCredential | None:

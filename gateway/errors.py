@@ -206,3 +206,7 @@ class ApprovalError(BastionError):
     @property
     def status(self) -> int:
         return self.http_status
+
+
+class SinkError(Exception):
+    """An audit sink did not confirm a delivery; the batch is sent again after a back-off."""

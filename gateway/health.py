@@ -2,7 +2,8 @@
 read them.
 
 Readiness: can this replica govern a call right now? Ready means: a policy set is loaded, the
-audit store answers, and the state database (budgets, keys) answers. Each check reports "ok" or
+audit store answers, and the state database (budgets, keys) answers. Audit sinks, circuits and
+policy reloads are reported beside the checks and never make a replica unready. Each check reports "ok" or
 what is wrong, so `/readyz` tells an operator where to look. A check that hangs counts as failed
 after `CHECK_TIMEOUT_S`.
 
@@ -175,6 +176,10 @@ def ops_routes(gw: Gateway) -> list[Route]:
         if gw.shadow_watcher is not None:
             # The shadow set enforces nothing: a refused shadow reload never makes the replica unready.
             body["shadow_reload"] = gw.shadow_watcher.status().to_json()
+        if gw.sinks is not None:
+            # A sink that is down loses nothing (records wait in the store) and every replica would
+            # see it down alike: reported, never a reason to be unready.
+            body["sinks"] = gw.sinks.status()
         return JSONResponse(body, 200 if ok else 503)
 
     async def prometheus() -> Response:

@@ -177,6 +177,40 @@ SHADOW_RELOAD_REFUSED = Gauge(
     registry=REGISTRY,
 )
 
+SINK_LAG = Gauge(
+    "bastion_audit_sink_lag_records",
+    "Chained audit records not yet confirmed by the sink, over the chains this replica delivers",
+    ["sink"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+SINK_DELIVERED = Counter(
+    "bastion_audit_sink_delivered_records",
+    "Audit records confirmed by the sink (a batch sent again after a failure counts again)",
+    ["sink"],
+    registry=REGISTRY,
+)
+SINK_FAILURES = Counter(
+    "bastion_audit_sink_failures",
+    "Deliveries to the sink that failed and will be retried",
+    ["sink"],
+    registry=REGISTRY,
+)
+SINK_UP = Gauge(
+    "bastion_audit_sink_up",
+    "1 while the sink's last delivery succeeded (or nothing was due), 0 after a failure",
+    ["sink"],
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+SINK_BACKLOG = Gauge(
+    "bastion_audit_sink_backlog",
+    "1 while the sink's lag is past its max_lag_records (the backlog alarm)",
+    ["sink"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+
 
 MAX_TOOL_LABELS = 1000
 OTHER = "_other"

@@ -21,6 +21,7 @@ from gateway.cli import approvals as approvals_cli
 from gateway.cli import budgets as budgets_cli
 from gateway.cli import keys as keys_cli
 from gateway.cli import policy as policy_cli
+from gateway.cli import sinks as sinks_cli
 from gateway.cli import tools as tools_cli
 from gateway.config import Config
 from gateway.errors import ConfigError
@@ -111,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.set_defaults(func=cmd_demo)
 
-    audit_cli.register(sub, common, _audit_settings)
+    sinks_cli.register(audit_cli.register(sub, common, _audit_settings), common)
 
     policy_cli.register(sub, common)
 
