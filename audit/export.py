@@ -239,24 +239,33 @@ _CEF_FIELD_MAX = 1023
 
 
 def _cef_header(value: object) -> str:
-    text = str(value)[:_CEF_FIELD_MAX]
-    return _control_escaped(text.replace("\\", "\\\\").replace("|", "\\|"))
+    return _cef_escaped(value, "|")
 
 
 def _cef_value(value: object) -> str:
-    text = str(value)[:_CEF_FIELD_MAX]
-    return _control_escaped(text.replace("\\", "\\\\").replace("=", "\\="))
+    return _cef_escaped(value, "=")
 
 
-def _control_escaped(text: str) -> str:
-    """CEF has escapes for line breaks only: other control characters become `\\uXXXX` text,
+def _cef_escaped(value: object, special: str) -> str:
+    """`\\`, the field's delimiter (`|` in the header, `=` in extensions) and line breaks escaped as
+    CEF says; other control characters written as visible `\\uXXXX` text (its backslash escaped),
     so no value can start a new line, frame or field at the receiver."""
-    if text.isprintable():
+    text = str(value)[:_CEF_FIELD_MAX]
+    if text.isprintable() and "\\" not in text and special not in text:
         return text
-    return "".join(
-        "\\n" if c == "\n" else "\\r" if c == "\r" else c if c.isprintable() else f"\\u{ord(c):04x}"
-        for c in text
-    )
+    out = []
+    for c in text:
+        if c == "\\" or c == special:
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\r":
+            out.append("\\r")
+        elif not c.isprintable():
+            out.append(f"\\\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def cef_line(doc: dict[str, Any]) -> str:

@@ -37,7 +37,8 @@ POLL_S = 1.0
 LINGER_S = 0.05
 """After a wake-up, wait this long for more records to share the batch."""
 REFRESH_S = 30.0
-"""How often the list of instance chains in the store is read again."""
+"""How often the list of instance chains in the store is read again (at least once per lease:
+a replica that died is noticed when its lease runs out)."""
 BACKOFF_MIN_S = 0.5
 
 
@@ -143,7 +144,7 @@ class SinkWorker:
     async def round(self) -> bool:
         """One batch from each chain this replica holds or can take; True if more is waiting."""
         now = time.monotonic()
-        if now - self._refreshed > REFRESH_S:
+        if now - self._refreshed > min(REFRESH_S, self.cfg.lease_s):
             found = await self.store.instances()
             self._instances = [self.instance, *(i for i in found if i != self.instance)]
             self._refreshed = now
