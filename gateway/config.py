@@ -367,6 +367,10 @@ class SyslogSinkConfig(_SinkBase):
     format: Literal["ocsf", "cef", "jsonl"] = "cef"
     facility: int = Field(13, ge=0, le=23)
     """Syslog facility (13: log audit)."""
+    settle_s: float = Field(0.2, ge=0, le=10)
+    """After the receiver's TCP stack acknowledged a batch, how long the connection must stay open
+    before the batch counts as delivered (a receiver that closes with it unread resets the
+    connection). Caps delivery at batch_max records per settle_s per chain."""
     ca_file: Path | None = None
     cert_file: Path | None = None
     """Client certificate for receivers that require one (with key_file)."""

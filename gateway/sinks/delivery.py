@@ -108,6 +108,8 @@ class SinkWorker:
         self._instances: list[str] = [instance]
         self._refreshed = 0.0
         self._next_claim: dict[str, float] = {}
+        self._released: dict[str, int] = {}
+        """Other replicas' chains this one caught up on and let go: the cursor it left them at."""
         self._gaps_noted: set[tuple[str, int]] = set()
         self._backlog = False
         metrics.labelled(metrics.SINK_UP, cfg.name).set(1)
@@ -128,6 +130,10 @@ class SinkWorker:
             except (AuditStoreError, SQLAlchemyError, OSError) as exc:
                 # The store or the state DB: nothing was lost, delivery waits for them.
                 await self._failed(f"reading the trail or the cursor: {type(exc).__name__}: {exc}"[:300])
+                failures += 1
+            except Exception as exc:  # a bug or a record it cannot read: say so, keep the sink alive
+                log.exception("audit sink %s: delivery failed", self.cfg.name)
+                await self._failed(f"{type(exc).__name__}: {exc}"[:300])
                 failures += 1
             if failures:
                 delay = min(self.cfg.backoff_max_s, BACKOFF_MIN_S * 2 ** min(failures - 1, 20))
@@ -164,6 +170,12 @@ class SinkWorker:
             return chain
         if chain is None and self._next_claim.get(instance, 0.0) > now:
             return None
+        quiet_at = self._released.get(instance)
+        if chain is None and quiet_at is not None and await self.store.last_seq(instance) <= quiet_at:
+            # Another replica's chain with nothing new since this one let it go: a read, not a
+            # claim (dead replicas' chains pile up over time; each would cost a write a second).
+            self._next_claim[instance] = now + POLL_S
+            return None
         seq = await self.cursors.claim(self.cfg.name, instance, self.cfg.lease_s)
         if seq is None:
             self._chains.pop(instance, None)
@@ -184,6 +196,7 @@ class SinkWorker:
                 # Caught up on another replica's chain: let it go, so that replica takes it back
                 # when it returns (its own chain is delivered first), or anyone does if new records come.
                 await self.cursors.release(self.cfg.name, instance)
+                self._released[instance] = chain.seq
                 self._chains.pop(instance, None)
                 self.status.lag.pop(instance, None)
                 self._next_claim[instance] = time.monotonic() + POLL_S

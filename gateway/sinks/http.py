@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from urllib.parse import urlsplit
 
 import httpx
 
 from gateway.config import HttpSinkConfig
 from gateway.errors import ConfigError, SinkError
 from gateway.sinks.events import Event
+
+log = logging.getLogger(__name__)
 
 _TYPES = {"cef": "text/plain; charset=utf-8", "splunk-hec": "application/json"}
 
@@ -24,6 +28,13 @@ class HttpTarget:
                 raise ConfigError(f"audit.sinks.{cfg.name}.token_env: {cfg.token_env} is not set")
             scheme = "Splunk" if cfg.format == "splunk-hec" else "Bearer"
             headers["authorization"] = f"{scheme} {token}"
+        parts = urlsplit(cfg.url)
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "audit sink %s: %s is plain HTTP: the trail crosses the network unencrypted",
+                cfg.name,
+                cfg.url,
+            )
         verify: str | bool = str(cfg.ca_file) if cfg.ca_file else True
         self._client = httpx.AsyncClient(
             headers=headers, timeout=cfg.timeout_s, verify=verify, follow_redirects=False, trust_env=False

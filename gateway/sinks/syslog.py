@@ -1,9 +1,12 @@
 """Syslog over TCP or TLS: RFC 5424 messages with octet-counting framing (RFC 6587 / RFC 5425).
 
 Syslog has no acknowledgement, so a batch counts as delivered only when the receiver's TCP stack
-has acknowledged every byte of it (the socket's unacknowledged-bytes count, `TIOCOUTQ`, is 0):
-a receiver that went away mid-batch gets the batch again on a new connection, never a gap. UDP is
-refused by the config: it loses records without telling anyone.
+has acknowledged every byte of it (the socket's unacknowledged-bytes count, `TIOCOUTQ`, is 0) and
+the connection then stayed open for `settle_s`: a receiver that closes or dies with part of a
+batch unread resets the connection (Linux answers such a close with RST), and the batch is sent
+again on a new connection. A receiver that read a batch and lost it before storing it cannot be
+told apart from one that stored it: plain syslog has no way to say so (the HTTP sink confirms each
+batch with its answer). UDP is refused by the config: it loses records without telling anyone.
 """
 
 from __future__ import annotations
@@ -92,7 +95,9 @@ class SyslogTarget:
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise SinkError(f"connect {self.cfg.address}: {type(exc).__name__}: {exc}"[:300]) from exc
-        writer.transport.set_write_buffer_limits(0)  # drain() returns when all is with the kernel
+        # drain() returns once the buffer is empty (with 0, the TLS transport counts an empty buffer
+        # as full and stalls every other drain).
+        writer.transport.set_write_buffer_limits(high=1, low=0)
         self._reader, self._writer = reader, writer
         return writer
 
@@ -105,14 +110,22 @@ class SyslogTarget:
             await asyncio.wait_for(writer.drain(), self.cfg.timeout_s)
             sock = writer.get_extra_info("socket")
             while unsent_bytes(sock) > 0 or writer.transport.get_write_buffer_size() > 0:
-                if self._reader is not None and self._reader.at_eof():
-                    raise ConnectionResetError("the receiver closed the connection")
+                self._check_open(writer)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"not acknowledged within {self.cfg.timeout_s:g} s")
                 await asyncio.sleep(_POLL_S)
+            # Acknowledged by the receiver's kernel, not yet read by the program: one that closes
+            # (or dies) with the batch unread resets the connection, seen here within settle_s.
+            await asyncio.sleep(self.cfg.settle_s)
+            self._check_open(writer)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             await self._drop()
             raise SinkError(f"send to {self.cfg.address}: {type(exc).__name__}: {exc}"[:300]) from exc
+
+    def _check_open(self, writer: asyncio.StreamWriter) -> None:
+        reader = self._reader
+        if writer.transport.is_closing() or reader is None or reader.at_eof() or reader.exception():
+            raise ConnectionResetError("the receiver closed the connection")
 
     async def _drop(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
