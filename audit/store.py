@@ -104,6 +104,8 @@ audit_records = Table(
     Index("ix_audit_records_effect_ts", "effect", "ts", "id"),
     Index("ix_audit_records_status_ts", "status", "ts", "id"),
     Index("ix_audit_records_call_id", "call_id", "ts", "id"),
+    Index("ix_audit_records_upstream_ts", "upstream", "ts", "id"),
+    Index("ix_audit_records_agent_ts", "agent", "ts", "id"),
     Index("ux_audit_records_instance_seq", "instance", "seq", unique=True),
 )
 
@@ -135,6 +137,12 @@ class RecordFilters(TypedDict, total=False):
     """Every record of one call: e.g. the decision on a model's tool_use (`llm`) and the tool's
     later execution over MCP share it."""
     protocol: str | None
+    agent: str | None
+    upstream: str | None
+    """The target: the tool server, the model provider's tool namespace, or the A2A agent."""
+    contains: str | None
+    """A substring of the stored record text (narrows a search by a field that has no index,
+    such as a policy id; the caller checks the field itself)."""
     batch: int
 
 
@@ -205,11 +213,15 @@ def _conditions(filters: RecordFilters) -> list[ColumnElement[bool]]:
         (t.status, "status"),
         (t.call_id, "call_id"),
         (t.protocol, "protocol"),
+        (t.agent, "agent"),
+        (t.upstream, "upstream"),
     )
     for col, key in exact:
         value = filters.get(key)
         if value is not None:
             conds.append(col == value)
+    if (text := filters.get("contains")) is not None:
+        conds.append(t.record.contains(text, autoescape=True))
     return conds
 
 
@@ -658,6 +670,41 @@ class AuditStore:
             if len(rows) < batch:
                 return
             last = (rows[-1].ts, rows[-1].id)
+
+    async def page(
+        self,
+        limit: int,
+        before: tuple[datetime, str] | None = None,
+        after: tuple[datetime, str] | None = None,
+        **filters: Unpack[RecordFilters],
+    ) -> list[tuple[datetime, str, str]]:
+        """(ts, id, stored text) of up to `limit` records, newest first before the `(ts, id)` key
+        `before`, or oldest first after `after` (a live tail). Keyset pagination on the (ts, id)
+        indexes: a page costs the same on the millionth record as on the first."""
+        t = audit_records.c
+        query = select(t.ts, t.id, t.record).where(*_conditions(filters)).limit(limit)
+        if after is not None:
+            query = query.where(tuple_(t.ts, t.id) > tuple_(as_utc(after[0]), after[1])).order_by(t.ts, t.id)
+        else:
+            if before is not None:
+                query = query.where(tuple_(t.ts, t.id) < tuple_(as_utc(before[0]), before[1]))
+            query = query.order_by(t.ts.desc(), t.id.desc())
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except _DB_ERRORS as exc:
+            raise self._error("reading records", exc) from exc
+        return [(r.ts, r.id, r.record) for r in rows]
+
+    async def get(self, record_id: str) -> str | None:
+        """One record's stored text by id."""
+        t = audit_records.c
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(t.record).where(t.id == record_id))).first()
+        except _DB_ERRORS as exc:
+            raise self._error("reading a record", exc) from exc
+        return None if row is None else str(row.record)
 
     async def count(self, **filters: Unpack[RecordFilters]) -> int:
         query = select(func.count()).select_from(audit_records).where(*_conditions(filters))

@@ -35,6 +35,7 @@ from gateway.errors import BastionError, ConfigError
 from gateway.fronts.a2a.endpoint import A2AFront
 from gateway.fronts.admin_api import AdminAPI
 from gateway.fronts.approvals_api import ApprovalsAPI
+from gateway.fronts.console.endpoint import ConsoleFront
 from gateway.fronts.http_api import HTTPToolAPI
 from gateway.fronts.llm.endpoint import LLMFront
 from gateway.fronts.mcp.aggregate import AggregateFront
@@ -506,8 +507,17 @@ def build_app(gw: Gateway) -> Starlette:
             approvals_api.append(ApprovalsAPI(gw, admin_api))
         return await approvals_api[0](request)
 
+    console_front: list[ConsoleFront] = []
+
+    async def console(request: Request) -> Response:
+        if not console_front:
+            console_front.append(ConsoleFront(gw, AdminAPI(gw.cfg, gw.auth, gw.state, gw.base_url)))
+        return await console_front[0](request)
+
     routes = [
         Route("/mcp/{upstream}", mcp, methods=["GET", "POST", "DELETE"]),
+        Route("/console", console, methods=["GET", "POST"]),
+        Route("/console/{page:path}", console, methods=["GET", "POST"]),
         Route("/v1/approvals", approvals),
         Route("/v1/approvals/{id}", approvals),
         Route("/v1/approvals/{id}/{verb:str}", approvals, methods=["POST"]),

@@ -568,6 +568,16 @@ class RedactionConfig(_Strict):
         return list(dict.fromkeys(v))
 
 
+class ConsoleConfig(_Strict):
+    """The web console at `/console` (docs/console.md): admins only, like the admin API."""
+
+    enabled: bool = True
+    session_ttl_s: float = Field(8 * 3600, ge=60, le=7 * 86400)
+    """How long a browser session made by `bastion console login` lasts."""
+    login_ttl_s: float = Field(300, ge=10, le=3600)
+    """How long a login link is good for (once)."""
+
+
 class AdminConfig(_Strict):
     """Who may use the admin API (`/v1/budgets`, approvals): verified principals in these groups
     or these users (a bare subject of the first issuer, or `<issuer>#<subject>`).
@@ -774,6 +784,7 @@ class Config(_Strict):
     state: StateConfig = StateConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
     admin: AdminConfig = AdminConfig()
+    console: ConsoleConfig = ConsoleConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
     sessions: SessionsConfig = SessionsConfig()
     pinning: PinningConfig = PinningConfig()

@@ -19,6 +19,7 @@ from gateway import config as config_mod
 from gateway import logs
 from gateway.cli import approvals as approvals_cli
 from gateway.cli import budgets as budgets_cli
+from gateway.cli import console as console_cli
 from gateway.cli import keys as keys_cli
 from gateway.cli import policy as policy_cli
 from gateway.cli import sinks as sinks_cli
@@ -120,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     keys_cli.register(sub, common)
     tools_cli.register(sub, common)
     approvals_cli.register(sub, common)
+    console_cli.register(sub, common)
     return p
 
 

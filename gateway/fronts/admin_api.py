@@ -15,10 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.call import Principal
-from gateway.config import Config
-from gateway.errors import AuthError, ConfigError
+from gateway.config import Config, ToolSettings
+from gateway.errors import ApprovalError, AuthError, ConfigError
 from gateway.identity.authenticator import Authenticator
+from gateway.policy.engine import PolicyEngine
 from gateway.stages.budget import usage
+from gateway.state.approvals import Approval, Approvals
 
 
 class AdminAPI:
@@ -70,3 +72,26 @@ class AdminAPI:
             except ValueError as exc:
                 return JSONResponse({"error": "invalid_request", "message": f"user: {exc}"}, 400)
         return JSONResponse({"budgets": await usage(self.state, self.cfg.budgets, user)})
+
+
+async def decide_approval(
+    approvals: Approvals,
+    policy: PolicyEngine,
+    settings: ToolSettings,
+    admin: AdminAPI,
+    approval: Approval,
+    principal: Principal,
+    approve: bool,
+    reason: str | None,
+) -> Approval:
+    """Decide a held call as `principal`: only if Cedar permits `approve` on its tool for them and
+    it is not their own call. The approvals API, its page and the console all decide through here."""
+    verdict = policy.decide(principal, "approve", approval.upstream, approval.tool, {}, settings)
+    if verdict.effect != "allow":
+        why = "; ".join(f"{r.policy}: {r.reason}" for r in verdict.reasons) or "no policy permits it"
+        raise ApprovalError(
+            f"{principal.id} may not approve calls to {approval.upstream}/{approval.tool} ({why})", 403
+        )
+    if approval.made_by(principal, admin.auth.identities):
+        raise ApprovalError("nobody may approve or deny their own call", 403)
+    return await approvals.decide(approval.id, approve, principal.id, reason)

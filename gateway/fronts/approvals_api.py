@@ -33,7 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from gateway.call import Principal
 from gateway.config import Config, ToolSettings
 from gateway.errors import ApprovalError
-from gateway.fronts.admin_api import AdminAPI
+from gateway.fronts.admin_api import AdminAPI, decide_approval
 from gateway.keyfiles import load_or_create_secret
 from gateway.policy.engine import PolicyEngine
 from gateway.state.approvals import Approval, Approvals
@@ -124,19 +124,12 @@ class ApprovalsAPI:
     async def _decide(
         self, approval: Approval, principal: Principal, approve: bool, reason: str | None
     ) -> Approval:
-        """Decide as `principal`, if Cedar lets them approve this tool and it is not their own call."""
         policy = self.gw.policy
         assert policy is not None
         settings = self.gw.settings_for(approval.upstream, approval.tool)
-        verdict = policy.decide(principal, "approve", approval.upstream, approval.tool, {}, settings)
-        if verdict.effect != "allow":
-            why = "; ".join(f"{r.policy}: {r.reason}" for r in verdict.reasons) or "no policy permits it"
-            raise ApprovalError(
-                f"{principal.id} may not approve calls to {approval.upstream}/{approval.tool} ({why})", 403
-            )
-        if approval.made_by(principal, self.admin.auth.identities):
-            raise ApprovalError("nobody may approve or deny their own call", 403)
-        return await self.approvals.decide(approval.id, approve, principal.id, reason)
+        return await decide_approval(
+            self.approvals, policy, settings, self.admin, approval, principal, approve, reason
+        )
 
     def _form_token(self, approval: Approval, principal: Principal) -> str:
         msg = f"{approval.id}\x00{principal.key}".encode()
