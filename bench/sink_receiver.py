@@ -31,7 +31,8 @@ class Count:
     lines: int = 0
     """Events received, duplicates included."""
     batches: int = 0
-    bytes: int = 0
+    size: int = 0
+    """Bytes received."""
     seqs: dict[str, set[int]] = field(default_factory=dict)
     """Instance -> the chain positions received (from the batches' headers)."""
     bad_batches: int = 0
@@ -41,7 +42,7 @@ class Count:
         lines = body.count(b"\n")
         self.lines += lines
         self.batches += 1
-        self.bytes += len(body)
+        self.size += len(body)
         instance, _, span = (batch or "").rpartition(" ")
         first, _, last = span.partition("-")
         if not (instance and first.isdigit() and last.isdigit()):
@@ -57,7 +58,7 @@ class Count:
         return {
             "lines": self.lines,
             "batches": self.batches,
-            "bytes": self.bytes,
+            "bytes": self.size,
             "distinct": distinct,
             "duplicates": self.lines - distinct,
             "bad_batches": self.bad_batches,
