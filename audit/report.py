@@ -147,7 +147,7 @@ dt{color:#555}.ok{color:#17692b;font-weight:600}.bad{color:#b3261e;font-weight:6
 svg text{font:11px system-ui,sans-serif;fill:#444}pre{background:#f6f6f6;padding:.6rem;white-space:pre-wrap}
 """
 
-_ALLOW_COLOUR, _DENY_COLOUR = "#3a8a4f", "#c0392b"
+_ALLOW_COLOUR, DENY_COLOUR = "#3a8a4f", "#c0392b"
 
 
 def render(
@@ -178,7 +178,7 @@ def render(
     ]
     if s.denied_tools:
         parts += [
-            _bars("denied-tools-chart", s.denied_tools.most_common(TOP), _DENY_COLOUR),
+            bars("denied-tools-chart", s.denied_tools.most_common(TOP), DENY_COLOUR),
             _table("denied-tools", ("tool", "denied"), s.denied_tools.most_common(TOP)),
             _table("denied-reasons", ("policy: reason", "denied"), s.denied_reasons.most_common(TOP)),
         ]
@@ -187,7 +187,7 @@ def render(
     parts.append("</section>")
     parts += [
         '<section id="users"><h2>Calls per user and agent</h2>',
-        _bars("users-chart", [(k, v["calls"]) for k, v in _top(s.users)], _ALLOW_COLOUR),
+        bars("users-chart", [(k, v["calls"]) for k, v in _top(s.users)], _ALLOW_COLOUR),
         _table(
             "users", ("user", "calls", "denied"), [(k, v["calls"], v["denied"]) for k, v in _top(s.users)]
         ),
@@ -258,7 +258,7 @@ def _table(ident: str, header: tuple[str, ...], rows: list[Any]) -> str:
     return f'<table id="{e(ident)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _bars(ident: str, rows: list[tuple[str, int]], colour: str) -> str:
+def bars(ident: str, rows: list[tuple[str, int]], colour: str) -> str:
     """Horizontal bars, one per row, labelled with the name and the count."""
     if not rows:
         return ""
@@ -305,7 +305,7 @@ def _timeline(hours: dict[datetime, Counter[str]]) -> str:
         f'<text x="0" y="12">{peak}</text><text x="0" y="{height}">0</text>',
         f'<rect x="{width - 170}" y="0" width="10" height="10" fill="{_ALLOW_COLOUR}"/>'
         f'<text x="{width - 155}" y="9">allowed</text>'
-        f'<rect x="{width - 90}" y="0" width="10" height="10" fill="{_DENY_COLOUR}"/>'
+        f'<rect x="{width - 90}" y="0" width="10" height="10" fill="{DENY_COLOUR}"/>'
         f'<text x="{width - 75}" y="9">denied</text>',
     ]
     label_every = max(1, len(keys) // 8)
@@ -314,7 +314,7 @@ def _timeline(hours: dict[datetime, Counter[str]]) -> str:
         x = pad + i * slot
         w = max(1.0, slot * 0.8)
         base = float(height)
-        for kind, colour in (("allow", _ALLOW_COLOUR), ("deny", _DENY_COLOUR)):
+        for kind, colour in (("allow", _ALLOW_COLOUR), ("deny", DENY_COLOUR)):
             h = c[kind] / peak * (height - 20)
             if h:
                 base -= h

@@ -538,10 +538,7 @@ class AuditStore:
         `limit`: what an audit sink delivers next. One query on the (instance, seq) index."""
         t = audit_records.c
         query = (
-            select(t.seq, t.record)
-            .where(t.instance == instance, t.seq > seq)
-            .order_by(t.seq)
-            .limit(limit)
+            select(t.seq, t.record).where(t.instance == instance, t.seq > seq).order_by(t.seq).limit(limit)
         )
         try:
             async with self.engine.connect() as conn:

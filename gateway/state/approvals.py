@@ -87,6 +87,8 @@ approvals_table = Table(
     Column("used_by", String(36)),
     Column("used_ms", BigInteger),
     Index("ix_bastion_approvals_binding", "binding", "status"),
+    Index("ix_bastion_approvals_audit_id", "audit_id"),
+    Index("ix_bastion_approvals_used_by", "used_by"),
 )
 
 
@@ -352,6 +354,14 @@ class Approvals:
                 await conn.execute(select(approvals_table).where(approvals_table.c.id == approval_id))
             ).first()
         return None if row is None else Approval.of_row(row)
+
+    async def for_audit(self, audit_id: str) -> list[Approval]:
+        """The approvals a call's record names: the one it was held for, and the one it used."""
+        t = approvals_table.c
+        query = select(approvals_table).where((t.audit_id == audit_id) | (t.used_by == audit_id))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(t.created_ms))).all()
+        return [Approval.of_row(r) for r in rows]
 
     async def list(self, status: str | None = None, limit: int = 200) -> list[Approval]:
         await self.expire_due()
