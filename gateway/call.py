@@ -229,6 +229,9 @@ class ToolCall:
     """For an A2A message that names a skill: Cedar's `context.skill`."""
     policy_verdict: Decision | None = None
     """The policy stage's own verdict (the record keeps it: `bastion policy replay` compares with it)."""
+    stages: list[tuple[str, str, float]] = field(default_factory=list)
+    """Each governance stage that ran: (name, its verdict: `pass` or an effect, milliseconds). The
+    record keeps them as `decision.stages`, for a reviewer reading one call's story."""
     session: str | None = None
     """The client's MCP session id, when it has one (taint is tracked per session)."""
     session_tainted: bool = False

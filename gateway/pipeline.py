@@ -459,7 +459,10 @@ class Pipeline:
         for stage in self.stages:
             t0 = time.perf_counter()
             verdict = await stage(call)
-            metrics.labelled(metrics.STAGE_SECONDS, stage.name).observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            metrics.labelled(metrics.STAGE_SECONDS, stage.name).observe(took)
+            outcome = "pass" if verdict is None else verdict.effect
+            call.stages.append((stage.name, outcome, round(took * 1000, 3)))
             if stage is self.policy:
                 call.policy_verdict = verdict  # what a replay compares a candidate policy set with
             if verdict is None:
@@ -974,10 +977,13 @@ def _replay_inputs(call: ToolCall) -> dict[str, Any] | None:
 
 
 def _decision_json(call: ToolCall, decision: Decision) -> dict[str, Any]:
-    """The record's `decision`, with the shadow set's disagreement (`shadow`) when there is one."""
+    """The record's `decision`, with the shadow set's disagreement (`shadow`) when there is one,
+    and each stage's verdict and time (`stages`) when any ran."""
     out = decision.to_json()
     if call.shadow is not None:
         out["shadow"] = call.shadow
+    if call.stages:
+        out["stages"] = [{"stage": name, "verdict": verdict, "ms": ms} for name, verdict, ms in call.stages]
     return out
 
 

@@ -348,8 +348,16 @@ def _decision(ctx: Context, doc: Mapping[str, Any]) -> str:
         )
     else:
         rows.append(("shadow policy set", "shadow", _none("agreed, or none configured")))
+    stage_rows = [
+        [esc(st.get("stage")), esc(st.get("verdict")), esc(st.get("ms"))]
+        for st in (_dict(x) for x in _list(decision.get("stages")))
+    ]
     body = (
         _facts(rows)
+        + "<h3>Stages, in the order they ran</h3>"
+        + table(
+            ("stage", "verdict", "ms"), stage_rows, "not recorded (records before stage timings)", id="stages"
+        )
         + "<h3>Reasons</h3>"
         + table(("policy", "reason", "written at"), reason_rows, "no reasons recorded", id="reasons")
     )

@@ -84,6 +84,8 @@ async def test_the_denied_call_names_its_policy_reason_and_source(console_env: C
     assert '"amount": 5000' in _text(page, "args") and _text(page, "status") == "denied"
     assert _text(page, "user") == "dev" and "developers" in _text(page, "replay-groups")
     assert _text(page, "target") == "demo/transfer" and _text(page, "protocol") == "http"
+    stages = _by_id(page, "stages")  # every stage that ran, in order, with its verdict and time
+    assert re.search(r"<td>taint</td><td>pass</td><td>[0-9.]+</td>.*<td>policy</td><td>deny</td>", stages)
 
 
 async def test_the_held_call_shows_its_approval(console_env: ConsoleEnv) -> None:
