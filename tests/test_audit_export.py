@@ -402,7 +402,7 @@ async def test_revision_0002_store_is_backfilled_and_searchable(
             await conn.execute(audit_records.insert(), rows)
     finally:
         await engine.dispose()
-    with pytest.raises(AuditStoreError, match="revision 0002, this version needs 0003"):
+    with pytest.raises(AuditStoreError, match="revision 0002, this version needs 0004"):
         await AuditStore.open(any_url, create=False)
 
     config = write_config(tmp_path, any_url)
