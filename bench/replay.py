@@ -37,7 +37,7 @@ _INSERT = (
 )
 
 
-def record(i: int) -> AuditRecord:
+def record(i: int, t0: datetime = T0, step: timedelta = timedelta(milliseconds=1)) -> AuditRecord:
     """The i-th call: four tools, five users, amounts that cross the candidate's new limit."""
     tool = ("transfer", "echo", "add", "read_note")[i % 4]
     args: dict[str, object] = {
@@ -52,7 +52,7 @@ def record(i: int) -> AuditRecord:
     inputs |= {"has_email": False, "tainted": False, "policy": verdict}
     return AuditRecord(
         id=f"r{i:09d}",
-        ts=T0 + timedelta(milliseconds=i),
+        ts=t0 + step * i,
         instance="bastion-1",
         trace_id=f"{i:032x}",
         call_id=None,
@@ -74,12 +74,13 @@ def record(i: int) -> AuditRecord:
     )
 
 
-def fill(path: Path, n: int) -> None:
+def fill(path: Path, n: int, t0: datetime = T0, step: timedelta = timedelta(milliseconds=1)) -> None:
+    """n records straight into an audit store made by `AuditStore.open`, from t0 every `step`."""
     db = sqlite3.connect(path)
     try:
         rows = []
         for i in range(n):
-            r = record(i)
+            r = record(i, t0, step)
             doc = json.dumps(r.to_json(), separators=(",", ":"))
             ts = r.ts.replace(tzinfo=None).isoformat(" ", "microseconds")
             rows.append((r.id, ts, r.user, r.tool, r.decision["effect"], doc))

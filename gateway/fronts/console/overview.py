@@ -1,15 +1,16 @@
 """The console's first page: the last 24 hours at a glance, and what waits for a human.
 
 Counts come from the audit trail (every replica's records) by COUNT queries over `ts` ranges that
-the store's indexes answer without reading a record (two per hour, one per effect, one for
-failures), plus one GROUP BY tool over the denials. Approver decisions (records with action `approve`) are
-events about a held call, not calls, so they are counted apart. Bastion's added time comes from
+the store's indexes answer without reading a record, hour by hour (an hour long past is counted
+once and kept), plus one GROUP BY tool over the denials. Approver decisions (records with action
+`approve`) are events about a held call, not calls, so they are counted apart. Bastion's added time comes from
 this process's `bastion_stage_seconds` histogram (since it started), as quantiles estimated from
 its buckets the way Prometheus' `histogram_quantile` does.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.sql.elements import ColumnElement
 from starlette.requests import Request
 
@@ -68,64 +69,90 @@ class Traffic:
         return self.start + timedelta(hours=i)
 
 
-async def traffic(ctx: Context, end: datetime, hours: int = HOURS) -> Traffic:
-    """Aggregates of the records with `ts` in [end - hours, end).
+@dataclass(frozen=True, slots=True)
+class _Hour:
+    """One hour's counts; `events` are approver decisions and expiries (by effect), not calls."""
 
-    Every count but two is answered from an index alone (`ts`, `effect, ts`, `status, ts`), so
-    none reads a record. The approver events to leave out are found by their outcome status (what
-    `Approvals.record` writes), which narrows them to decisions and denials before their action
-    is read; the top denied tools read the denials' rows."""
+    calls: int
+    denied: int
+    effects: dict[str, int]
+    failed: int
+    events: dict[str, int]
+    denied_tools: dict[tuple[str, str], int]
+    """Denials per (upstream, tool); the `DENIED_TOOLS_MAX` most denied of the hour."""
+
+
+DENIED_TOOLS_MAX = 1000
+SETTLE = timedelta(minutes=10)
+"""An hour's counts are kept once it ended this long ago (calls still in flight then are done)."""
+_hours: dict[tuple[str, datetime], _Hour] = {}
+
+
+async def _count_hour(conn: Any, a: datetime, b: datetime) -> _Hour:
+    """Counts of the records with `ts` in [a, b): each answered from an index alone, but for the
+    approver events, narrowed by outcome status before their action is read."""
     t = audit_records.c
-    start = end - timedelta(hours=hours)
-    edges = [start + timedelta(hours=i) for i in range(hours)] + [end]
-    in_range = (t.ts >= start, t.ts < end)
+    within = (t.ts >= a, t.ts < b)
 
-    def count(*where: ColumnElement[bool]) -> Select[int]:
-        return select(func.count()).select_from(audit_records).where(*where)
+    async def count(*where: ColumnElement[bool]) -> int:
+        query = select(func.count()).select_from(audit_records).where(*where, *within)
+        return int((await conn.execute(query)).scalar_one() or 0)
 
     events = (
-        select(
-            t.effect,
-            *(
-                func.sum(case((and_(t.ts >= edges[i], t.ts < edges[i + 1]), 1), else_=0))
-                for i in range(hours)
-            ),
-        )
-        .where(t.status.in_(EVENT_STATUSES), t.action == DECISION_ACTION, *in_range)
+        select(t.effect, func.count())
+        .where(t.status.in_(EVENT_STATUSES), t.action == DECISION_ACTION, *within)
         .group_by(t.effect)
     )
     n = func.count().label("n")
     denied = (
         select(t.upstream, t.tool, n)
-        .where(t.effect == "deny", t.action != DECISION_ACTION, *in_range)
+        .where(t.effect == "deny", t.action != DECISION_ACTION, *within)
         .group_by(t.upstream, t.tool)
-        .order_by(n.desc(), t.upstream, t.tool)
-        .limit(TOP_DENIED)
+        .order_by(n.desc())
+        .limit(DENIED_TOOLS_MAX)
     )
-    out = Traffic(start, end)
+    return _Hour(
+        denied_tools={(str(r.upstream), str(r.tool)): int(r.n) for r in (await conn.execute(denied)).all()},
+        calls=await count(),
+        denied=await count(t.effect == "deny"),
+        effects={e: await count(t.effect == e) for e in EFFECTS},
+        failed=await count(t.status.in_(FAILED)),
+        events={str(e): int(n) for e, n in (await conn.execute(events)).all()},
+    )
+
+
+async def traffic(ctx: Context, end: datetime, hours: int = HOURS) -> Traffic:
+    """Aggregates of the records with `ts` from the start of the hour `hours - 1` hours before
+    `end`'s, to `end`, hour by hour.
+
+    An hour that ended more than `SETTLE` ago is counted once and kept (per store, in this
+    process), so a page load counts the current hour and little else: the cost does not grow
+    with the day's volume (docs/console.md). The top denied tools add up each hour's own top
+    `DENIED_TOOLS_MAX` (exact unless an hour saw denials of more tools than that)."""
+    top_hour = end.replace(minute=0, second=0, microsecond=0)
+    edges = [top_hour - timedelta(hours=hours - 1 - i) for i in range(hours)] + [end]
+    out = Traffic(edges[0], end)
+    url = ctx.store.url
+    for key in [k for k in _hours if k[0] == url and k[1] < edges[0]]:
+        del _hours[key]  # fell out of the window
+    denied: Counter[tuple[str, str]] = Counter()
     async with ctx.store.engine.connect() as conn:
-
-        async def scalar(query: Select[int]) -> int:
-            return int((await conn.execute(query)).scalar_one() or 0)
-
-        for i in range(hours):
-            within = (t.ts >= edges[i], t.ts < edges[i + 1])
-            out.calls_per_hour.append(await scalar(count(*within)))
-            out.denied_per_hour.append(await scalar(count(t.effect == "deny", *within)))
-        for effect in EFFECTS:
-            out.effects[effect] = await scalar(count(t.effect == effect, *in_range))
-        out.failed = await scalar(count(t.status.in_(FAILED), *in_range))
-        found = (await conn.execute(events)).all()
-        top = (await conn.execute(denied)).all()
-    for row in found:
-        per_hour = [int(v or 0) for v in row[1:]]
-        out.decisions += sum(per_hour)
-        out.effects[str(row[0])] -= sum(per_hour)
-        for i, k in enumerate(per_hour):
-            out.calls_per_hour[i] -= k
-            if row[0] == "deny":
-                out.denied_per_hour[i] -= k
-    out.denied_tools = [(str(r.upstream), str(r.tool), int(r.n)) for r in top]
+        for a, b in itertools.pairwise(edges):
+            hour = _hours.get((url, a))
+            if hour is None:
+                hour = await _count_hour(conn, a, b)
+                if b - a == timedelta(hours=1) and b <= end - SETTLE:
+                    _hours[(url, a)] = hour
+            events = sum(hour.events.values())
+            out.calls_per_hour.append(hour.calls - events)
+            out.denied_per_hour.append(hour.denied - hour.events.get("deny", 0))
+            for effect in EFFECTS:
+                out.effects[effect] += hour.effects[effect] - hour.events.get(effect, 0)
+            out.failed += hour.failed
+            out.decisions += events
+            denied.update(hour.denied_tools)
+    top = sorted(denied.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_DENIED]
+    out.denied_tools = [(up, tool, k) for (up, tool), k in top]
     return out
 
 
