@@ -85,6 +85,11 @@ AUDIT_BACKLOG = Gauge(
 BUDGET_DENIALS = Counter(
     "bastion_budget_denials", "Calls refused because a budget was exhausted", ["budget"], registry=REGISTRY
 )
+BUDGET_STORE_ERRORS = Counter(
+    "bastion_budget_store_errors",
+    "Calls refused because the budget store (state.url) could not be read or written (fail closed)",
+    registry=REGISTRY,
+)
 PII_FINDINGS = Counter(
     "bastion_pii_findings",
     "PII and secrets found, by entity type and direction (input: arguments, output: results)",

@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.sqlite_thread import SQLiteThread
+from gateway import metrics
 from gateway.call import Decision, Identities, Principal, Reason, ToolCall
 from gateway.config import BudgetRule, CostTable
 from gateway.errors import ConfigError
@@ -190,6 +191,7 @@ class BudgetStage:
                 "deny", (Reason(f"budget/{c.rule.name}", reason),), self.name, retry_after_s=retry
             )
         except (SQLAlchemyError, sqlite3.Error) as exc:
+            metrics.BUDGET_STORE_ERRORS.inc()
             return Decision.deny(
                 self.name, "budget-unavailable", f"budget store unavailable: {type(exc).__name__}"
             )

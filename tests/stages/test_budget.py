@@ -14,10 +14,11 @@ import httpx
 import pytest
 import yaml
 from conftest import POLICIES, dead_url, free_port, make_config, running_gateway
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import config as config_mod
+from gateway import metrics
 from gateway.call import API_KEY_ISSUER, Identities, Principal, ToolCall
 from gateway.config import BudgetMatch, BudgetRule
 from gateway.errors import ConfigError
@@ -372,3 +373,19 @@ async def test_policies_see_the_remaining_budget(
             "remaining 2 of 20 is under 10%: the 19th call is the last"
         )
         assert texts[0] == "denied by policy keep-a-reserve: less than 10% of the echo budget is left"
+
+
+async def test_a_budget_store_that_fails_denies_and_is_counted(tmp_path: Path) -> None:
+    """Fail closed: the charge cannot be made, so the call is refused (and the alert's counter moves)."""
+    eng = await open_state(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    try:
+        async with eng.begin() as conn:
+            await conn.execute(text("DROP TABLE bastion_budget_usage"))
+        before = metrics.BUDGET_STORE_ERRORS._value.get()
+        decision = await BudgetStage([rule(limit=10)], eng)(call())
+        assert decision is not None and decision.effect == "deny"
+        assert decision.reasons[0].policy == "budget-unavailable"
+        assert "budget store unavailable: OperationalError" in decision.reasons[0].reason
+        assert metrics.BUDGET_STORE_ERRORS._value.get() == before + 1
+    finally:
+        await eng.dispose()
