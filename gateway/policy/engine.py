@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -259,6 +260,8 @@ class PolicyEngine:
         base_entities: cedarpy.Entities | None = None,
     ) -> None:
         self.version = version
+        self.loaded_at = time.time()
+        """When this set was loaded (at start-up or by a hot reload): the console shows it."""
         self.warnings: tuple[str, ...] = tuple(warnings)
         """Problems that do not stop loading but deserve a log line (`file:line:col: message`)."""
         self.policies: tuple[PolicyInfo, ...] = tuple(policies)

@@ -280,6 +280,10 @@ def counter_by(metric: Any, label: str) -> dict[str, float]:
     return out
 
 
+def _stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _files_changed(cfg: Any) -> str:
     """When the newest file of a set last changed (the set on disk; stat calls only)."""
     stamps = [mtime for _, mtime, _, _ in snapshot(cfg) if mtime > 0]
@@ -328,7 +332,8 @@ async def policy_page(ctx: Context, request: Request) -> Page:
     parts = [
         '<div class="cards">'
         f'<div class="card"><div class="muted">live set version</div><strong id="policy-version">'
-        f"{esc(engine.version)}</strong></div>"
+        f'{esc(engine.version)}</strong><div class="muted">loaded <span id="policy-loaded">'
+        f"{esc(_stamp(engine.loaded_at))}</span></div></div>"
         f'<div class="card"><div class="muted">loaded from</div><code id="policy-dir">{esc(cfg.dir)}</code>'
         f'<div class="muted">files last changed {esc(changed)}</div></div>'
         f'<div class="card"><div class="muted">policies</div><strong data-policies="{len(engine.policies)}">'

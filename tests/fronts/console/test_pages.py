@@ -146,6 +146,8 @@ async def test_the_policy_page_shows_the_live_set(console_env: ConsoleEnv) -> No
         page = await http.get("/console/policy")
     assert page.status_code == 200
     assert f'<strong id="policy-version">{env.gw.policy.version}</strong>' in page.text
+    loaded = datetime.fromtimestamp(env.gw.policy.loaded_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert f'<span id="policy-loaded">{loaded}</span>' in page.text
     assert str(env.gw.cfg.policy.dir) in page.text
     assert 'data-reload="ok"' in page.text  # policy.watch is on in this config, and nothing was refused
     for policy_id in ("transfers-need-approval", "admins-approve", "delete-needs-admin"):
