@@ -634,12 +634,13 @@ class Pipeline:
             metrics.labelled(metrics.STAGE_SECONDS, "audit").observe(time.perf_counter() - t0)
             logs.call_finished(call, decision, outcome)
 
-    async def refund(self, call: ToolCall) -> None:
-        """The upstream could not be reached: stages that charged the call may give it back."""
+    async def refund(self, call: ToolCall, upstream_failed: bool = False) -> None:
+        """The call will not run: stages that charged it give it back (when the upstream could not
+        be reached, only budgets that say so: `refund_on_upstream_failure`)."""
         for stage in self.stages:
             refund = getattr(stage, "refund", None)
             if refund is not None:
-                await refund(call)
+                await refund(call, upstream_failed)
 
     # -- listings ---------------------------------------------------------------------------------
 
@@ -853,7 +854,7 @@ class Pipeline:
     async def _not_run(self, call: ToolCall, err: UpstreamError) -> None:
         """Give back what a call that failed before it could run took: budget, its call_id."""
         if not may_have_run(err):
-            await self.refund(call)
+            await self.refund(call, upstream_failed=True)
         if self.calls is not None and surely_not_sent(err):
             await self.calls.release(call.audit_id)
 

@@ -274,13 +274,20 @@ class BudgetStage:
             ).first()
         return int(row[0]) if row else 0
 
-    async def refund(self, call: ToolCall) -> None:
-        """Give back what a call was charged, for budgets that refund when the upstream failed."""
+    async def refund(self, call: ToolCall, upstream_failed: bool = False) -> None:
+        """Give back what a call was charged. A call Bastion refused after the charge (a repeated
+        call_id, the audit store down, an approval used meanwhile) never reached the upstream: every
+        budget refunds it. One the upstream failed to take refunds only for budgets with
+        `refund_on_upstream_failure`."""
         charged = (call.budget or {}).get("charged") or []
         refunds = [
             s
             for s in charged
-            if any(r.name == s["budget"] and r.refund_on_upstream_failure for r in self.rules)
+            if not s.get("refunded")
+            and any(
+                r.name == s["budget"] and (r.refund_on_upstream_failure or not upstream_failed)
+                for r in self.rules
+            )
         ]
         if not refunds:
             return

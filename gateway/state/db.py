@@ -14,7 +14,7 @@ import asyncio
 import sqlite3
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, MetaData, String, Table, event
+from sqlalchemy import JSON, BigInteger, Column, DateTime, MetaData, String, Table, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -23,6 +23,7 @@ from audit.store import safe_url
 from gateway.errors import ConfigError
 
 metadata = MetaData()
+_PG_LOCK = 0x62617374_73746174  # "bast" "stat": the advisory lock that serialises creating the tables
 
 api_keys_table = Table(
     "bastion_api_keys",
@@ -66,6 +67,10 @@ async def open_state(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     try:
         async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # Replicas starting together on a new database would race to create the same
+                # tables (one fails on PostgreSQL's catalog): one at a time.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
             await conn.run_sync(metadata.create_all)
     except (SQLAlchemyError, OSError) as exc:
         await engine.dispose()

@@ -106,6 +106,28 @@ async def test_over_budget_is_429_with_retry_after(
     assert r.json()["reasons"][0]["policy"] == "budget/api-echo"
 
 
+async def test_a_repeated_call_id_gives_its_budget_charge_back(
+    api_gateway: tuple[str, Gateway], api_token: Callable[..., str]
+) -> None:
+    """A retry with the same call_id is answered from the first call and never runs: the budget
+    it was charged on the way is refunded, so retries do not eat the limit (2 a day here)."""
+    base, gw = api_gateway
+    tok = api_token("budget-retry-user")
+    body = {"upstream": "demo", "tool": "echo", "arguments": {"text": "once"}, "call_id": "retry-1"}
+    first = await post(base, "/v1/tool-calls", tok, body)
+    assert first.status_code == 200, first.text
+    for _ in range(3):
+        again = await post(base, "/v1/tool-calls", tok, body)
+        assert again.status_code != 429, "a repeat was charged"
+    other = await post(base, "/v1/tool-calls", tok, {**body, "call_id": "retry-2"})
+    assert other.status_code == 200, other.text  # the second unit of two is still there
+    third = await post(base, "/v1/tool-calls", tok, {**body, "call_id": "retry-3"})
+    assert third.status_code == 429
+    assert gw.store is not None
+    repeats = [r async for r in gw.store.iter_records(user="budget-retry-user", call_id="retry-1")]
+    assert sorted(r.status for r in repeats) == ["completed", "duplicate", "duplicate", "duplicate"]
+
+
 async def test_decisions_decide_without_forwarding(
     api_gateway: tuple[str, Gateway], api_token: Callable[..., str], upstream_url: str
 ) -> None:
