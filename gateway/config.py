@@ -576,6 +576,9 @@ class ConsoleConfig(_Strict):
     """How long a browser session made by `bastion console login` lasts."""
     login_ttl_s: float = Field(300, ge=10, le=3600)
     """How long a login link is good for (once)."""
+    key_file: Path | None = None
+    """Signs login links, session cookies and form tokens; default: generated in data_dir. Several
+    replicas must share one (a link made for one is opened through another)."""
 
 
 class AdminConfig(_Strict):
@@ -613,6 +616,9 @@ class ApprovalsConfig(_Strict):
     2026-07-28 `input_required`); off: every client gets the held result and retries."""
     inline_wait_s: float = Field(120, gt=0, le=900)
     """How long a call approved inline waits for the approver's decision before it is answered held."""
+    form_key_file: Path | None = None
+    """Binds the approval page's form to the approval and the approver; default: generated in
+    data_dir. Several replicas must share one (a page from one is posted through another)."""
 
 
 class StateConfig(_Strict):
@@ -946,13 +952,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                 }
             ),
             "sessions": cfg.sessions.model_copy(update={"secret_file": rel(cfg.sessions.secret_file)}),
+            "console": cfg.console.model_copy(update={"key_file": rel(cfg.console.key_file)}),
             "approvals": cfg.approvals.model_copy(
                 update={
+                    "form_key_file": rel(cfg.approvals.form_key_file),
                     "webhook": cfg.approvals.webhook.model_copy(
                         update={"secret_file": rel(cfg.approvals.webhook.secret_file)}
                     )
                     if cfg.approvals.webhook
-                    else None
+                    else None,
                 }
             ),
             "redaction": cfg.redaction.model_copy(update={"hmac_key_file": rel(cfg.redaction.hmac_key_file)})

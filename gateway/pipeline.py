@@ -68,6 +68,7 @@ from gateway.redaction.basic import audit_view
 from gateway.stages.policy import PolicyStage
 from gateway.stages.taint import SessionTaint, check_result, session_key
 from gateway.state.approvals import Approvals, binding_of
+from gateway.state.db import STATE_ERRORS
 from gateway.state.idempotency import CallRegistry, Previous
 from gateway.state.pins import ToolPins
 from gateway.state.tasks import Task, TaskOwners
@@ -381,7 +382,7 @@ class Pipeline:
             return None
         try:
             task = await self.tasks.get(upstream, task_id)
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             raise StateUnavailable(f"task owners unavailable: {type(exc).__name__}") from exc
         return task if task is not None and task.principal == owner_id(principal) else None
 
@@ -390,7 +391,7 @@ class Pipeline:
             return set()
         try:
             return await self.tasks.mine(upstream, owner_id(principal))
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             raise StateUnavailable(f"task owners unavailable: {type(exc).__name__}") from exc
 
     async def decide_only(self, call: ToolCall, *, hold: bool = False) -> Decision:
@@ -493,7 +494,7 @@ class Pipeline:
         if approved is not None and decision.allowed and self.approvals is not None:
             try:
                 won = await self.approvals.consume(approved, call.audit_id)
-            except SQLAlchemyError as exc:
+            except STATE_ERRORS as exc:
                 await self.refund(call)
                 return Decision.deny(
                     "approval", "approvals-unavailable", f"approval state unavailable: {type(exc).__name__}"
@@ -569,7 +570,7 @@ class Pipeline:
                 reasons = [r.to_json() for r in decision.reasons]
                 made = await self.approvals.request(call, reasons, args_hmac(self._hmac_key, call.arguments))
                 call.approval_id = made.id
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             why = f"approval state unavailable, so the call cannot be held: {type(exc).__name__}"
             return Decision.deny("approval", "approvals-unavailable", why, decision.policy_version)
         held = (*decision.reasons, Reason("approval", f"approval required: {call.approval_id}"))
@@ -664,7 +665,7 @@ class Pipeline:
         if self.taint is not None and (found := session_key(principal, session)) is not None:
             try:
                 tainted = await self.taint.is_tainted(found)
-            except SQLAlchemyError:
+            except STATE_ERRORS:
                 return []
         names = [i[key] for i in shown]
         allowed = self.policy.listable(principal, action, upstream, names, tainted, key == "uriTemplate")
@@ -832,7 +833,7 @@ class Pipeline:
             found = await self.tasks.get(scope, task_id) if again else None
             if found is not None and found.principal == owner:
                 return None
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             return f"the task's owner could not be recorded ({type(exc).__name__}), so it is not handed out"
         return "the upstream reused a task id that belongs to another call"
 

@@ -142,6 +142,8 @@ def _key_files(cfg: Any) -> set[Path]:
         cfg.audit.hmac_key_file,
         cfg.audit.signing_key_file,
         cfg.sessions.secret_file,
+        cfg.console.key_file,
+        cfg.approvals.form_key_file,
         *(u.bearer_token_file for u in cfg.upstreams.values() if u.bearer_token_file),
     }
 

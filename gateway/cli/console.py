@@ -49,7 +49,8 @@ def cmd_login(args: argparse.Namespace) -> int:
     named = next((i for i in issuers if user.startswith(f"{i}#")), None)
     issuer = named or (issuers[0] if issuers else "bastion")
     ttl = args.ttl if args.ttl is not None else cfg.console.login_ttl_s
-    token = ConsoleKeys(cfg.data_dir).login_link(user, issuer, args.group, ttl)
+    key_file = cfg.console.key_file or cfg.data_dir / "console.key"
+    token = ConsoleKeys(key_file).login_link(user, issuer, args.group, ttl)
     print(f"{cfg.listen.base_url}/console/login?token={token}")
     print(f"(good once, for {ttl:g} s)")
     return 0

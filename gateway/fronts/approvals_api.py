@@ -26,7 +26,6 @@ import json
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -37,6 +36,7 @@ from gateway.fronts.admin_api import AdminAPI, decide_approval
 from gateway.keyfiles import load_or_create_secret
 from gateway.policy.engine import PolicyEngine
 from gateway.state.approvals import Approval, Approvals
+from gateway.state.db import STATE_ERRORS
 
 
 class Host(Protocol):
@@ -74,7 +74,9 @@ class ApprovalsAPI:
     def __init__(self, gw: Host, admin: AdminAPI) -> None:
         self.gw = gw
         self.admin = admin
-        self._form_key = load_or_create_secret(gw.cfg.data_dir / "approvals-form.key")
+        self._form_key = load_or_create_secret(
+            gw.cfg.approvals.form_key_file or gw.cfg.data_dir / "approvals-form.key"
+        )
 
     @property
     def approvals(self) -> Approvals:
@@ -117,7 +119,7 @@ class ApprovalsAPI:
             if page:
                 return HTMLResponse(_document("Approval", f"<p>{html.escape(err.message)}</p>"), err.status)
             return JSONResponse({"error": "approval", "message": err.message}, err.status)
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             why = f"the approval state is unavailable: {type(exc).__name__}"
             return JSONResponse({"error": "unavailable", "message": why}, 503)
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.sqlite_thread import SQLiteThread
@@ -32,7 +31,7 @@ from gateway import metrics
 from gateway.call import Decision, Identities, Principal, Reason, ToolCall
 from gateway.config import BudgetRule, CostTable
 from gateway.errors import ConfigError
-from gateway.state.db import budget_usage
+from gateway.state.db import STATE_ERRORS, budget_usage
 
 CHARGED = frozenset({"call_tool", "send_message"})
 """The actions budgets count: tool calls and messages to agents (`match.upstreams` names agents too)."""
@@ -190,7 +189,7 @@ class BudgetStage:
             return Decision(
                 "deny", (Reason(f"budget/{c.rule.name}", reason),), self.name, retry_after_s=retry
             )
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except STATE_ERRORS as exc:
             metrics.BUDGET_STORE_ERRORS.inc()
             return Decision.deny(
                 self.name, "budget-unavailable", f"budget store unavailable: {type(exc).__name__}"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from gateway.call import Decision, ToolCall
+from gateway.state.db import STATE_ERRORS
 from gateway.state.pins import ToolPins
 
 
@@ -36,7 +35,7 @@ class PinningStage:
                 pin = await self._pins.get(call.upstream, call.tool)
                 if pin is None and not listed and self._pins.cfg.mode != "enforce":
                     return None
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             return Decision.deny(
                 "pinning", "pins-unavailable", f"tool pins unavailable: {type(exc).__name__}"
             )

@@ -11,12 +11,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from gateway import metrics
 from gateway.call import Action, Decision, Effect, Principal, ToolCall
 from gateway.config import ToolSettings
 from gateway.policy.engine import PolicyEngine
+from gateway.state.db import STATE_ERRORS
 
 __all__ = ["SHADOW_KINDS", "PolicyStage", "shadow_kind"]
 
@@ -65,7 +64,7 @@ class PolicyStage:
             # Read only when some policy reads `context.budget`: one query per matching budget.
             try:
                 budget = await self._budget_view(call)
-            except SQLAlchemyError as exc:
+            except STATE_ERRORS as exc:
                 return Decision.deny(
                     "policy", "budget-unavailable", f"budget state unavailable: {type(exc).__name__}"
                 )

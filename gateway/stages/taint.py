@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Column, String, Table, Text, insert, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.call import RESULT_FIELDS, Decision, Principal, Reason, ToolCall
 from gateway.redaction.injection import Finding, scan_text
-from gateway.state.db import metadata
+from gateway.state.db import STATE_ERRORS, metadata
 
 __all__ = ["SessionTaint", "TaintStage", "scan_result", "session_key"]
 
@@ -158,7 +158,7 @@ class TaintStage:
                 # this message included (Cedar sees `context.session.tainted`)
                 call.session_tainted = True
                 await self._taint.mark(key, call, found)
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             return Decision.deny(
                 "taint", "taint-unavailable", f"session taint unavailable: {type(exc).__name__}"
             )
@@ -178,7 +178,7 @@ async def check_result(
     if key is not None:
         try:
             await taint.mark(key, call, found)
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             kinds += f" (the taint could not be stored: {type(exc).__name__})"
     reason = Reason("prompt-injection", f"the result carries {kinds} in {where}; the session is tainted")
     return Decision(decision.effect, (*decision.reasons, reason), decision.stage, decision.policy_version)

@@ -23,6 +23,11 @@ from audit.store import safe_url
 from gateway.errors import ConfigError
 
 metadata = MetaData()
+
+STATE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, sqlite3.Error, OSError)
+"""What a state DB operation raises when the database is unreachable or failing: SQLAlchemy's
+errors, the SQLite writer thread's, and the socket errors asyncpg lets through while PostgreSQL
+restarts (a refused connection is an `OSError`, not a `SQLAlchemyError`). Catch this, not a part."""
 _PG_LOCK = 0x62617374_73746174  # "bast" "stat": the advisory lock that serialises creating the tables
 
 api_keys_table = Table(

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Boolean, Column, Float, LargeBinary, String, Table, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.sqlite_thread import SQLiteThread
 from gateway.config import IdempotencyConfig
 from gateway.errors import StateUnavailable
-from gateway.state.db import metadata
+from gateway.state.db import STATE_ERRORS, metadata
 
 log = logging.getLogger("bastion.idempotency")
 
@@ -155,7 +155,7 @@ class CallRegistry:
                     return Previous(
                         call_id, found.audit_id, found.fingerprint == fingerprint, found.done, found.response
                     )
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except STATE_ERRORS as exc:
             raise StateUnavailable(
                 f"the state database cannot check call_id {call_id!r} ({type(exc).__name__}); "
                 "the call was not forwarded"
@@ -183,7 +183,7 @@ class CallRegistry:
                     .where(t.principal == claim.principal, t.call_id == claim.call_id, t.audit_id == audit_id)
                     .values(done=True, response=kept)
                 )
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except STATE_ERRORS as exc:
             log.error("could not record the outcome of call_id for %s: %s", audit_id, type(exc).__name__)
 
     async def release(self, audit_id: str) -> None:
@@ -203,7 +203,7 @@ class CallRegistry:
                         t.principal == claim.principal, t.call_id == claim.call_id, t.audit_id == audit_id
                     )
                 )
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except STATE_ERRORS as exc:
             log.error("could not release call_id for %s: %s", audit_id, type(exc).__name__)
 
 

@@ -29,13 +29,13 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Column, String, Table, Text, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.config import PinningConfig
 from gateway.errors import PinsUnavailable
 from gateway.redaction.injection import Finding, scan_tool
-from gateway.state.db import metadata
+from gateway.state.db import STATE_ERRORS, metadata
 
 __all__ = ["Pin", "ToolPins", "approve", "definition_of", "list_pins", "reject"]
 
@@ -270,7 +270,7 @@ class ToolPins:
             return tools
         try:
             seen = await self.observe(upstream, tools)
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             log.error("tool pins unavailable, tools/list of %s withheld: %s", upstream, type(exc).__name__)
             raise PinsUnavailable("tool pins are unavailable (state DB), so no tool can be listed") from exc
         kept = []

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -28,10 +27,12 @@ from gateway.fronts.console.context import ConsoleHost, Context
 from gateway.fronts.console.html import HEADERS, Page, document, esc
 from gateway.fronts.console.session import COOKIE, ConsoleKeys, Session
 from gateway.state.console_logins import spend
+from gateway.state.db import STATE_ERRORS
 
 log = logging.getLogger(__name__)
 
 MAX_FORM = 16_384
+UNAVAILABLE: tuple[type[BaseException], ...] = (AuditStoreError, *STATE_ERRORS)
 _SCRIPT = (Path(__file__).parent / "static" / "console.js").read_bytes()
 
 Handler = Callable[[Context, Request], Awaitable[Page | Response]]
@@ -48,7 +49,7 @@ class ConsoleFront:
     def __init__(self, gw: ConsoleHost, admin: AdminAPI) -> None:
         self.gw = gw
         self.admin = admin
-        self.keys = ConsoleKeys(gw.cfg.data_dir)
+        self.keys = ConsoleKeys(gw.cfg.console.key_file or gw.cfg.data_dir / "console.key")
         self.secure = urlsplit(gw.base_url).scheme == "https"
         self._get: dict[str, Handler] = {
             "/console": overview.overview_page,
@@ -100,7 +101,7 @@ class ConsoleFront:
                 "/console/approvals",
                 status=err.status,
             )
-        except (AuditStoreError, SQLAlchemyError) as exc:
+        except UNAVAILABLE as exc:
             log.warning("console: %s", exc)
             why = f"the audit store or state DB is unavailable: {type(exc).__name__}"
             result = Page("Console", f'<p class="deny">{esc(why)}</p>', status=503)

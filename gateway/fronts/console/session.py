@@ -3,10 +3,10 @@
 A browser cannot send an admin's Bearer token on a page load, so `bastion console login` (run by
 an operator where the config and `data_dir` are) prints a link good for `console.login_ttl_s`
 and for one use; opening it sets a session cookie (HttpOnly, SameSite=Strict, Secure on https,
-path `/console`) for `console.session_ttl_s`. Links and cookies are HMAC-signed with a key kept
-in `data_dir/console.key`; whether the session's user is an admin is checked again on every
-request, against the config as it is then. Every form carries a token bound to the session
-(HMAC), and a cross-origin POST is refused.
+path `/console`) for `console.session_ttl_s`. Links and cookies are HMAC-signed with the key in
+`console.key_file` (default `data_dir/console.key`; replicas share one); whether the session's
+user is an admin is checked again on every request, against the config as it is then. Every
+form carries a token bound to the session (HMAC), and a cross-origin POST is refused.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class Session:
 class ConsoleKeys:
     """Signs and checks login links, session cookies and form tokens."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self._key = load_or_create_secret(data_dir / "console.key")
+    def __init__(self, key_file: Path) -> None:
+        self._key = load_or_create_secret(key_file)
 
     def _sign(self, kind: str, payload: dict[str, object]) -> str:
         body = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).rstrip(b"=")

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from audit.chain import document_hash
 from audit.checkpoint import Checkpoint, SigningKeyError, key_id, load_public_key, signature_ok
 from audit.record import PENDING, format_ts
 from gateway.fronts.console.context import Context
 from gateway.fronts.console.html import Page, esc, hidden_token, link, table
 from gateway.policy.engine import PolicyEngine, PolicyInfo
+from gateway.state.db import STATE_ERRORS
 
 MAX_ID = 64
 """Record ids are UUIDs (the column holds 64 characters): a longer one is not looked up, and no
@@ -510,7 +509,7 @@ async def _approvals(ctx: Context, record_id: str, doc: Mapping[str, Any]) -> st
                     trail or _none(),
                 ]
             )
-    except SQLAlchemyError as exc:
+    except STATE_ERRORS as exc:
         rows.append([_none(f"the approvals state DB is unavailable: {type(exc).__name__}")] + [""] * 8)
     body = table(
         ("approval", "role", "status", "requested", "decided by", "note", "held call", "used by", "audit"),

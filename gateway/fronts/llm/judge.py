@@ -25,8 +25,6 @@ from collections.abc import Iterable, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from gateway import metrics
 from gateway.call import Decision, Principal, Reason, ToolCall
 from gateway.config import LLMTools
@@ -34,6 +32,7 @@ from gateway.errors import UpstreamError
 from gateway.fronts.jsonrpc import parse_json
 from gateway.pipeline import Pipeline
 from gateway.stages.taint import session_key
+from gateway.state.db import STATE_ERRORS
 
 MAX_TOOL_CALLS = 128
 """Most tool calls one model answer may hold; more fails the answer (nothing is released)."""
@@ -265,7 +264,7 @@ class Judge:
         if taint is not None and (key := session_key(self.principal, self.session)) is not None:
             try:
                 tainted = await taint.is_tainted(key)
-            except SQLAlchemyError:
+            except STATE_ERRORS:
                 return [name is None for name in names]
         by_upstream: dict[str, list[str]] = {}
         for name in names:

@@ -33,7 +33,6 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -41,6 +40,7 @@ from gateway.call import Decision, Principal, ToolCall
 from gateway.errors import ApprovalError, BastionError
 from gateway.fronts import jsonrpc
 from gateway.state.approvals import Approvals, binding_of
+from gateway.state.db import STATE_ERRORS
 
 if TYPE_CHECKING:
     from gateway.fronts.mcp.endpoint import MCPFront
@@ -191,7 +191,7 @@ class InlineApprovals:
                     remaining = max(0.0, deadline - loop.time())
                     try:
                         found = await approvals.await_decision(approval_id, min(KEEPALIVE_S, remaining), stop)
-                    except SQLAlchemyError as exc:
+                    except STATE_ERRORS as exc:
                         why = type(exc).__name__
                         log.error("inline approval %s: state unavailable: %s", approval_id, why)
                         break
@@ -276,7 +276,7 @@ class InlineApprovals:
             await approvals.decide(approval_id, True, principal.id, note)
         except ApprovalError as err:
             log.info("inline approval %s not recorded: %s", approval_id, err.message)
-        except SQLAlchemyError as exc:
+        except STATE_ERRORS as exc:
             log.error("inline approval %s not recorded: %s", approval_id, type(exc).__name__)
 
     # -- 2026-07-28: input_required, and the retry -------------------------------------------
@@ -357,7 +357,7 @@ class InlineApprovals:
             left = asyncio.ensure_future(_client_left(x.request)) if x.request is not None else None
             try:
                 await approvals.await_decision(approval_id, approvals.cfg.inline_wait_s, left)
-            except SQLAlchemyError as exc:
+            except STATE_ERRORS as exc:
                 log.error("inline approval %s: state unavailable: %s", approval_id, type(exc).__name__)
             finally:
                 if left is not None and not left.done():
