@@ -268,3 +268,17 @@ async def audit_records(url: str, **where: Any) -> list[AuditRecord]:
     finally:
         await store.close()
     return [r for r in found if all(getattr(r, k) == v for k, v in where.items())]
+
+
+async def wait_healthy(client: httpx.AsyncClient, base: str, proc: asyncio.subprocess.Process) -> None:
+    """Wait for a Bastion started as its own process to answer /healthz (it must not have exited)."""
+    for _ in range(300):
+        if proc.returncode is not None:
+            raise AssertionError(f"bastion exited with {proc.returncode}")
+        try:
+            if (await client.get(f"{base}/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("bastion did not become healthy")

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import POLICIES, free_port, make_config, running, running_gateway
+from conftest import POLICIES, free_port, make_config, running, running_gateway, wait_healthy
 from sqlalchemy import text
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -97,19 +97,6 @@ def tool_call(msg_id: str, name: str, arguments: dict[str, Any]) -> tuple[dict[s
     return headers, json.dumps(body).encode()
 
 
-async def _wait_healthy(client: httpx.AsyncClient, base: str, proc: asyncio.subprocess.Process) -> None:
-    for _ in range(300):
-        if proc.returncode is not None:
-            raise AssertionError(f"bastion exited with {proc.returncode}")
-        try:
-            if (await client.get(f"{base}/healthz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("bastion did not become healthy")
-
-
 @pytest.mark.parametrize("durability", ["strict", "intent"])
 async def test_kill_9_under_load_leaves_every_call_on_record(
     recorded_upstream: tuple[str, Recorder], data_dir: Path, dev_key: DevKey, tmp_path: Path, durability: str
@@ -180,7 +167,7 @@ async def test_kill_9_under_load_leaves_every_call_on_record(
     proc = await start()
     try:
         async with httpx.AsyncClient(timeout=10) as client:
-            await _wait_healthy(client, base, proc)
+            await wait_healthy(client, base, proc)
             workers = [asyncio.create_task(worker(client, w)) for w in range(12)]
             # Kill once the load has produced enough answers to mean something (a loaded
             # machine takes longer to get there), and at most after 20 s.
@@ -213,7 +200,7 @@ async def test_kill_9_under_load_leaves_every_call_on_record(
 
         proc = await start()  # the restart records what the crash left pending
         async with httpx.AsyncClient(timeout=10) as client:
-            await _wait_healthy(client, base, proc)
+            await wait_healthy(client, base, proc)
             headers, body = tool_call("after-restart", "echo", {"text": "hi"})
             r = await client.post(f"{base}/mcp/demo", content=body, headers={**headers, **auth})
             assert r.status_code == 200 and "hi" in r.text

@@ -14,24 +14,11 @@ from typing import Any
 
 import httpx
 import yaml
-from conftest import POLICIES, free_port
+from conftest import POLICIES, free_port, wait_healthy
 
 from gateway.identity.devkeys import DEV_ISSUER, DevKey
 
 from .conftest import chain, eventually, first_seen, http_receiver
-
-
-async def _healthy(http: httpx.AsyncClient, base: str, proc: asyncio.subprocess.Process) -> None:
-    for _ in range(300):
-        if proc.returncode is not None:
-            raise AssertionError(f"bastion exited with {proc.returncode}")
-        try:
-            if (await http.get(f"{base}/healthz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("bastion did not become healthy")
 
 
 async def _sinks_status(config: Path) -> list[dict[str, Any]]:
@@ -106,7 +93,7 @@ async def test_kill_9_mid_batch_loses_nothing(
         proc = await start()
         try:
             async with httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {token}"}) as http:
-                await _healthy(http, base, proc)
+                await wait_healthy(http, base, proc)
                 workers = [asyncio.create_task(worker(http)) for _ in range(6)]
                 # Kill while a batch is at the receiver (read, not yet acknowledged), after a few landed.
                 await eventually(lambda: len(rx.batches) >= 3 and rx.in_flight > 0, timeout=30)
@@ -119,7 +106,7 @@ async def test_kill_9_mid_batch_loses_nothing(
 
             proc = await start()  # resumes at the cursor; the batch in flight at the kill comes again
             async with httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {token}"}) as http:
-                await _healthy(http, base, proc)
+                await wait_healthy(http, base, proc)
                 r = await http.post(
                     f"{base}/v1/tool-calls",
                     json={"upstream": "demo", "tool": "echo", "arguments": {"text": "after"}},

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from conftest import free_port, make_config, running_gateway
-from sqlalchemy import delete, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import delete
+from test_audit import _drop_pg_table
 
 from gateway.identity.devkeys import DevKey
 from gateway.state.db import open_state
@@ -25,13 +25,7 @@ PG = os.environ.get("BASTION_TEST_PG")
 
 
 async def _fresh_pg(url: str) -> None:
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for table in ("audit_records", "audit_checkpoints", "bastion_audit_alembic_version"):
-                await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
-    finally:
-        await engine.dispose()
+    await _drop_pg_table(url)
     state = await open_state(url)
     try:
         async with state.begin() as conn:
